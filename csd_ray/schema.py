@@ -1,0 +1,226 @@
+"""Dataclass <-> YAML plumbing for recipes: typed loading, line numbers, overrides, clear errors.
+
+Configs are plain dataclasses (``csd_ray.config``); this module turns a YAML mapping into them
+field by field, checking types from the annotations and remembering the YAML line of every key
+so that a bad value is reported as ``file:line: key.path: expected X, got Y``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe problem, with where it is and what was expected."""
+
+    def __init__(self, message: str, key: str = "", source: str = "") -> None:
+        self.key, self.source, self.detail = key, source, message
+        where = f"{source}: " if source else ""
+        super().__init__(f"{where}{key + ': ' if key else ''}{message}")
+
+
+class Located:
+    """Maps dotted key paths to 'file:line' (or the override that set them)."""
+
+    def __init__(self, file: str = "") -> None:
+        self.file = file
+        self.where: dict[str, str] = {}
+
+    def of(self, key: str) -> str:
+        while key:
+            if key in self.where:
+                return self.where[key]
+            key = key.rpartition(".")[0]
+        return self.file
+
+    def error(self, key: str, message: str) -> ConfigError:
+        return ConfigError(message, key=key, source=self.of(key))
+
+
+def load_yaml(path: Path) -> tuple[dict, Located]:
+    """Read a recipe, recording the line of every key."""
+    located = Located(str(path))
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"recipe file not found: {path}") from None
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"invalid YAML: {problem}", source=f"{path}{line}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"a recipe must be a mapping of sections, got {type(data).__name__}", source=str(path))
+
+    def walk(n: yaml.Node, prefix: str) -> None:
+        if isinstance(n, yaml.MappingNode):
+            for key_node, value_node in n.value:
+                key = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
+                located.where[key] = f"{path}:{key_node.start_mark.line + 1}"
+                walk(value_node, key)
+
+    if node is not None:
+        walk(node, "")
+    return data, located
+
+
+def apply_override(data: dict, located: Located, override: str) -> None:
+    """Apply ``a.b.c=value`` (value parsed as YAML) to the raw recipe mapping."""
+    if "=" not in override:
+        raise ConfigError(f"override '{override}' must look like key.path=value")
+    key, _, raw = override.partition("=")
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot set '{key}': '{part}' is not a section", source=f"override {override!r}")
+        node = child
+    node[parts[-1]] = value
+    located.where[key] = f"override {override!r}"
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
+    if origin in (list, tuple):
+        args = typing.get_args(tp)
+        return f"list of {_type_name(args[0])}" if args else "list"
+    if origin is dict:
+        return "mapping"
+    if dataclasses.is_dataclass(tp):
+        return "mapping (section)"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(tp: Any, value: Any, key: str, located: Located) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(arg, value, key, located)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise located.error(key, f"expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise located.error(key, f"expected one of {', '.join(map(repr, choices))}, got {value!r}{hint}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise located.error(key, f"expected a mapping (section), got {value!r}")
+        return build(tp, value, located, key)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise located.error(key, f"expected {_type_name(tp)}, got {value!r}")
+        args = typing.get_args(tp)
+        item_tp = args[0] if args else Any
+        items = [_convert(item_tp, v, f"{key}[{i}]", located) for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise located.error(key, f"expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise located.error(key, f"expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise located.error(key, f"expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise located.error(key, f"expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise located.error(key, f"expected a string, got {value!r}")
+    raise TypeError(f"unsupported config type {tp!r} at {key}")
+
+
+def build(cls: type, data: dict, located: Located, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys with a suggestion."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1, cutoff=0.6)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            where = f"section '{prefix}'" if prefix else "the recipe"
+            raise located.error(path, f"unknown key '{key}' in {where}{hint} (known: {', '.join(fields)})")
+        kwargs[key] = _convert(hints[key], value, path, located)
+    try:
+        obj = cls(**kwargs)
+    except TypeError as exc:
+        raise located.error(prefix, str(exc)) from None
+    return obj
+
+
+def to_dict(obj: Any) -> Any:
+    """Dataclass tree -> plain YAML-able data."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Per-field docstrings (the string literal right after each field), for docs and --help."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
+                docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
