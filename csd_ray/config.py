@@ -104,6 +104,9 @@ class SamplerConfig:
     """Also return the student's top-k token ids per position (merged into a top-k teacher payload)."""
     vllm_gpu_memory_utilization: float = 0.5
     """vLLM only: share of GPU memory the engine may take."""
+    weight_transfer: Literal["object_store", "nccl"] = "object_store"
+    """How new weights reach the sampler: through the Ray object store (everywhere), or an NCCL
+    broadcast from trainer rank 0 into the vLLM workers (vllm backend on GPUs)."""
 
 
 @dataclass
@@ -405,6 +408,13 @@ class Recipe:
         if cur.start_tokens and not 1 <= cur.start_tokens <= batch.max_new_tokens:
             raise located.error(
                 "batch.curriculum.start_tokens", f"must be in [1, batch.max_new_tokens={batch.max_new_tokens}], got {cur.start_tokens}"
+            )
+        if self.sampler.weight_transfer == "nccl" and (
+            self.sampler.backend != "vllm" or not self.sampler.placement.num_gpus or not self.trainer.placement.num_gpus
+        ):
+            raise located.error(
+                "sampler.weight_transfer",
+                "'nccl' needs sampler.backend=vllm and GPUs on both sampler and trainer; use 'object_store'",
             )
         if self.trainer.backend == "nccl" and not self.trainer.placement.num_gpus:
             raise located.error("trainer.backend", "nccl needs trainer.placement.num_gpus > 0")

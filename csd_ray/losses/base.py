@@ -207,7 +207,7 @@ class _LogitsStudent:
         if ids is None:
             self.grad[rows, : g.shape[1]] = g
         else:
-            chunk = torch.zeros(rows.numel(), self.grad.shape[1], dtype=g.dtype)
+            chunk = torch.zeros(rows.numel(), self.grad.shape[1], dtype=g.dtype, device=g.device)
             chunk.scatter_add_(1, ids.clamp(0, self.grad.shape[1] - 1), g)
             self.grad[rows] = chunk
 
@@ -272,7 +272,7 @@ class _ChunkedLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, loss: DistillationLoss, signal, weights, rows, norm, student, metrics, *tensors):  # type: ignore[override]
         student.begin(*(x.detach() for x in tensors))
-        total = torch.zeros((), dtype=torch.float64)
+        total = torch.zeros((), dtype=torch.float64, device=tensors[0].device)
         with torch.no_grad():
             step = loss.chunk_rows(student.vocab_width)
             for start in range(0, rows.numel(), step):

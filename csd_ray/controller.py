@@ -1,0 +1,287 @@
+"""The controller: one loop that owns the run. A batch's path reads top to bottom in ``_step``:
+
+    prompts -> sampler(s) (or teacher samples / dataset responses) -> teacher scoring
+            -> trainer group (FSDP2 step) -> weight sync back to the sampler(s)
+
+Only ObjectRefs pass through here; rollouts, teacher payloads and weights go actor to actor.
+Sync mode runs those phases one after another. Async mode launches sampling for later steps
+before training the current one, never further ahead than ``run.max_staleness`` versions.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import ray
+import yaml
+
+from csd_ray.config import Recipe, SourceConfig
+from csd_ray.data import PromptStream, load_prompts
+from csd_ray.metrics import MetricsLogger
+from csd_ray.models import check_same_tokenizer, load_tokenizer
+from csd_ray.placement import plan
+from csd_ray.rollout import rollout_from_tokens
+from csd_ray.schema import to_dict
+from csd_ray.weight_sync import make_transfer
+from csd_ray.workers.group import TrainerGroup
+
+ACTOR_ENV = {"TOKENIZERS_PARALLELISM": "false", "TORCH_COMPILE_DISABLE": "1"}
+
+
+@dataclass
+class Group:
+    """One source's share of a step, in flight: refs only."""
+
+    source: str
+    rollouts: list
+    teacher: list
+    loss_weight: float
+    launched_version: int
+    rollout_id: int
+    """Unique per launched group: a replayed step shows the id it was first trained with."""
+
+
+@dataclass
+class PlannedStep:
+    index: int
+    groups: list[Group]
+    max_new_tokens: int
+    replayed: bool = False
+
+
+class Controller:
+    def __init__(self, recipe: Recipe, log=print) -> None:
+        self.recipe = recipe
+        self.run_dir = Path(recipe.run.output_dir)
+        self.log = log
+        self.step = 0
+        self.version = 0  # optimizer steps applied to the trainers' weights
+        self.synced_version = 0  # newest version sent to the sampler(s)
+        self.replay: deque[PlannedStep] = deque(maxlen=max(1, recipe.batch.replay.capacity))
+        self.samplers: list = []
+        self.teachers: list = []
+        self.trainers: Optional[TrainerGroup] = None
+
+    # ---- set-up --------------------------------------------------------------------------
+    def start(self) -> None:
+        r = self.recipe
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "recipe.yaml").write_text(yaml.safe_dump(to_dict(r), sort_keys=False))
+        self.tokenizer = load_tokenizer(r.student_model)
+        check_same_tokenizer(self.tokenizer, load_tokenizer(r.teacher_model), r.student_model.path, r.teacher_model.path)
+        self.prompts = load_prompts(r.data, self.tokenizer, seed=r.run.seed)
+        if self.prompts.dropped_too_long:
+            self.log(f"data: dropped {self.prompts.dropped_too_long} prompts longer than {r.data.max_prompt_tokens} tokens")
+        self.stream = PromptStream(self.prompts.train, seed=r.run.seed)
+        self.log(f"data: {len(self.prompts.train)} training prompts, {len(self.prompts.eval)} held out")
+
+        roles = {role.role: role for role in plan(r)}
+        self.samplers = self._actors(_sampler_class(r), roles["sampler"])
+        self.teachers = self._actors(_teacher_class(r), roles["teacher"])
+        self.trainers = TrainerGroup(r, roles["trainer"], ACTOR_ENV)
+        info = {
+            "sampler": ray.get([a.ready.remote() for a in self.samplers]),
+            "teacher": ray.get([a.ready.remote() for a in self.teachers]),
+            "trainer": self.trainers.info(),
+        }
+        (self.run_dir / "actors.json").write_text(json.dumps(info, indent=1))
+        self.actor_info = info
+        if r.teacher.payload == "hidden":
+            self.trainers.call("set_teacher_lm_head", self.teachers[0].lm_head.remote())
+        self.transfer = make_transfer(r)
+        self.metrics = MetricsLogger(r, self.run_dir, r.run.steps, self.step)
+
+    def _actors(self, cls, role) -> list:
+        remote = ray.remote(cls)
+        return [
+            remote.options(
+                num_cpus=role.placement.num_cpus, num_gpus=role.placement.num_gpus,
+                resources=dict(role.placement.resources), runtime_env={"env_vars": ACTOR_ENV},
+            ).remote(self.recipe, i)
+            for i in range(role.replicas)
+        ]
+
+    # ---- the loop ------------------------------------------------------------------------
+    def run(self) -> Path:
+        self.start()
+        try:
+            self.train()
+            return self.finish()
+        finally:
+            self.shutdown()
+
+    def train(self) -> None:
+        run = self.recipe.run
+        ahead = run.max_staleness if run.mode == "async" else 0
+        pending: deque[PlannedStep] = deque()
+        next_launch = self.step
+        self._last_step_end = time.perf_counter()
+        while self.step < run.steps:
+            # Async: start sampling later steps now, as long as the weights they would be sampled
+            # with are at most `ahead` versions older than those that will train on them.
+            while next_launch < run.steps and next_launch <= self.step + ahead and (
+                run.mode == "sync" or self.synced_version >= next_launch - ahead
+            ):
+                pending.append(self._launch(next_launch))
+                next_launch += 1
+            self._step(pending.popleft())
+
+    def _step(self, planned: PlannedStep) -> None:
+        run = self.recipe.run
+        t0 = time.perf_counter()
+        version_before = self.version
+        results = self.trainers.call("train_step", [(g.rollouts, g.teacher, g.loss_weight) for g in planned.groups])
+        result = results[0]
+        t_train = time.perf_counter() - t0
+        self.version = result["version"]
+        staleness = version_before - result["rollout_version"] if result["rollout_version"] is not None else 0
+        allowed = run.max_staleness if run.mode == "async" else run.weight_sync_every - 1
+        if staleness > allowed and not planned.replayed:
+            raise RuntimeError(f"step {planned.index}: trained a rollout {staleness} versions old (allowed {allowed})")
+        if self.recipe.batch.replay.capacity and not planned.replayed:
+            self.replay.append(planned)
+        t_sync = 0.0
+        if (planned.index + 1) % run.weight_sync_every == 0 or planned.index + 1 == run.steps:
+            t_sync = self._sync(block=run.mode == "sync")
+        self.step = planned.index + 1
+        step_time = time.perf_counter() - self._last_step_end
+        record = {
+            "kind": "train", "step": self.step, "loss": result["loss"], "grad_norm": result["grad_norm"],
+            "lr": result["lr"], "tokens": result["tokens"], "sequences": result["sequences"],
+            "mean_response_tokens": result["tokens"] / max(1, result["sequences"]),
+            "sources": [g.source for g in planned.groups], "replayed": planned.replayed,
+            "max_new_tokens": planned.max_new_tokens, "weight_version": self.version,
+            "rollout_version": result["rollout_version"], "staleness": staleness,
+            "skipped_nonfinite": result["skipped_nonfinite"], "sampled_logprob_mean": result["sampled_logprob_mean"],
+            "payload_bytes": result["payload_bytes"], "rollout_ids": [g.rollout_id for g in planned.groups],
+            "time_sample": result["time_sample"], "time_score": result["time_score"], "time_train": t_train,
+            "time_trainer_forward_backward": result["time_forward_backward"], "time_sync": t_sync,
+            "step_time": step_time, "tokens_per_s": result["tokens"] / max(step_time, 1e-9),
+        }
+        self.metrics.log(record)
+        self._last_step_end = time.perf_counter()
+        if run.checkpoint_every and self.step % run.checkpoint_every == 0 and self.step < run.steps:
+            self.checkpoint()
+
+    # ---- launching a step's work -----------------------------------------------------------
+    def _launch(self, index: int) -> PlannedStep:
+        r = self.recipe
+        rng = random.Random(r.run.seed * 7919 + index)
+        max_new = self._max_new_tokens(index)
+        if self.replay and rng.random() < r.batch.replay.probability:
+            old = rng.choice(list(self.replay))
+            return PlannedStep(index, old.groups, old.max_new_tokens, replayed=True)
+        if r.batch.source_mode == "all":
+            sources = list(r.batch.sources)
+        else:
+            sources = [rng.choices(r.batch.sources, weights=[s.probability for s in r.batch.sources])[0]]
+        groups = [self._launch_source(src, index, max_new, index * 16 + k) for k, src in enumerate(sources)]
+        return PlannedStep(index, groups, max_new)
+
+    def _max_new_tokens(self, index: int) -> int:
+        b = self.recipe.batch
+        cur = b.curriculum
+        if not cur.start_tokens or not cur.warmup_steps:
+            return b.max_new_tokens
+        frac = min(1.0, index / cur.warmup_steps)
+        return int(round(cur.start_tokens + frac * (b.max_new_tokens - cur.start_tokens)))
+
+    def _launch_source(self, src: SourceConfig, index: int, max_new: int, rollout_id: int) -> Group:
+        b = self.recipe.batch
+        examples = self.stream.next_batch(b.prompts_per_step)
+        examples = [e for e in examples for _ in range(b.samples_per_prompt)]
+        prompts = [e.prompt_ids for e in examples]
+        indices = [e.index for e in examples]
+        seed = self.recipe.run.seed * 1_000_003 + index * 101
+        if src.kind == "dataset":
+            missing = [e.index for e in examples if e.response_ids is None]
+            if missing:
+                raise RuntimeError(f"the 'dataset' source needs reference responses; example {missing[0]} has none")
+            rollout = rollout_from_tokens(
+                prompts, [e.response_ids[:max_new] for e in examples], self.tokenizer.pad_token_id,
+                weight_version=self.version, source="dataset", prompt_indices=indices,
+            )
+            rollout_refs = [ray.put(rollout)]
+        else:
+            actors = self.samplers if src.kind == "student" else self.teachers
+            rollout_refs = [
+                actor.generate.remote(prompts[lo:hi], indices[lo:hi], max_new, seed + i)
+                for i, (actor, lo, hi) in enumerate(_shards(actors, len(prompts)))
+            ]
+        teacher_refs = [self.teachers[i % len(self.teachers)].score.remote(ref) for i, ref in enumerate(rollout_refs)]
+        return Group(src.kind, rollout_refs, teacher_refs, src.loss_weight, self.synced_version, rollout_id)
+
+    # ---- weights, checkpoints, the end ---------------------------------------------------------
+    def _sync(self, block: bool) -> float:
+        t0 = time.perf_counter()
+        refs = self.transfer.push(self.trainers, self.samplers, self.version)
+        self.synced_version = self.version
+        if block:
+            ray.get(refs)
+        return time.perf_counter() - t0
+
+    def checkpoint(self) -> Path:
+        """Sharded checkpoint of the trainers plus the controller's own state, made visible atomically."""
+        root = self.run_dir / "checkpoints"
+        final = root / f"step_{self.step:06d}"
+        tmp = root / f".tmp-step_{self.step:06d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        self.trainers.call("save_checkpoint", str(tmp))
+        state = {"step": self.step, "version": self.version, "stream": self.stream.state()}
+        (tmp / "controller.json").write_text(json.dumps(state))
+        (tmp / "COMPLETE").write_text("ok\n")
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        return final
+
+    def finish(self) -> Path:
+        self.checkpoint()
+        final = self.run_dir / "final"
+        shutil.rmtree(final, ignore_errors=True)
+        self.trainers.call("save_hf", str(final))
+        self.metrics.message(f"done: {self.step} steps; student written to {final}")
+        return final
+
+    def shutdown(self) -> None:
+        if getattr(self, "metrics", None) is not None:
+            self.metrics.close()
+        if self.trainers is not None:
+            self.trainers.shutdown()
+        for actor in self.samplers + self.teachers:
+            ray.kill(actor)
+
+
+def _shards(actors: list, n: int):
+    per = -(-n // len(actors))
+    for i, actor in enumerate(actors):
+        lo, hi = i * per, min(n, (i + 1) * per)
+        if lo < hi:
+            yield actor, lo, hi
+
+
+def _sampler_class(recipe: Recipe):
+    if recipe.sampler.backend == "vllm":
+        from csd_ray.workers.vllm_backend import VLLMSampler
+
+        return VLLMSampler
+    from csd_ray.workers.sampler import HFSampler
+
+    return HFSampler
+
+
+def _teacher_class(recipe: Recipe):
+    if recipe.teacher.backend == "vllm":
+        from csd_ray.workers.vllm_backend import VLLMTeacher
+
+        return VLLMTeacher
+    from csd_ray.workers.teacher import HFTeacher
+
+    return HFTeacher

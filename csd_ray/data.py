@@ -1,0 +1,223 @@
+"""Prompt datasets: built-in arithmetic, jsonl/json/parquet files, hub datasets.
+
+Prompts are tokenized once on the driver (with the chat template unless disabled); prompts
+longer than ``max_prompt_tokens`` are dropped and counted, never silently.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from csd_ray.config import DataConfig
+
+
+class DataError(ValueError):
+    """A dataset could not be read; the message names the file, line or field."""
+
+
+@dataclass
+class Example:
+    prompt: Any
+    """Prompt text, or a list of chat messages."""
+    response: Optional[str] = None
+    """Reference response (supervised KD source, evaluation)."""
+    answer: Optional[str] = None
+    """Exact answer for accuracy."""
+
+
+@dataclass
+class EncodedExample:
+    index: int
+    prompt_ids: list[int]
+    response_ids: Optional[list[int]]
+    answer: Optional[str]
+    prompt_text: str
+
+
+@dataclass
+class PromptSet:
+    train: list[EncodedExample]
+    eval: list[EncodedExample]
+    dropped_too_long: int = 0
+    stats: dict = field(default_factory=dict)
+
+
+def arithmetic_examples(n: int, seed: int) -> list[Example]:
+    """Two-operand questions with exact answers: offline, deterministic for a seed."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        op = rng.choice(["+", "-", "*"])
+        a, b = (rng.randint(2, 12), rng.randint(2, 12)) if op == "*" else (rng.randint(1, 99), rng.randint(1, 99))
+        value = {"+": a + b, "-": a - b, "*": a * b}[op]
+        out.append(Example(prompt=f"What is {a} {op} {b}? Answer with the number.", response=f"{a} {op} {b} = {value}.", answer=str(value)))
+    return out
+
+
+def _records_from_file(path: Path) -> list[tuple[str, dict]]:
+    """(where, record) pairs; where is 'file:line' for jsonl."""
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        records = []
+        with open(path) as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}:{number}: malformed JSON line ({exc.msg} at column {exc.colno})") from None
+                if not isinstance(record, dict):
+                    raise DataError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+                records.append((f"{path}:{number}", record))
+        return records
+    if suffix == ".json":
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from None
+        if isinstance(data, dict) and isinstance(data.get("data"), list):
+            data = data["data"]
+        if not isinstance(data, list):
+            raise DataError(f"{path}: expected a list of objects (or {{'data': [...]}}), got {type(data).__name__}")
+        return [(f"{path}[{i}]", r) for i, r in enumerate(data)]
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except Exception as exc:  # pyarrow raises several types for broken files
+            raise DataError(f"{path}: not a readable parquet file ({exc})") from None
+        return [(f"{path} row {i}", r) for i, r in enumerate(table.to_pylist())]
+    raise DataError(f"{path}: unsupported data file type '{suffix}' (expected .jsonl, .json or .parquet)")
+
+
+def _records_from_hub(name: str, split: str) -> list[tuple[str, dict]]:
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as exc:
+        raise DataError(
+            f"could not load hub dataset '{name}' (split '{split}'): {str(exc).splitlines()[0]} -- offline machines "
+            "need a local .jsonl/.json/.parquet file"
+        ) from None
+    return [(f"{name}[{split}] row {i}", r) for i, r in enumerate(ds)]
+
+
+def parse_answer(text: Optional[str]) -> Optional[str]:
+    """GSM8K's '... #### 42' -> '42'; plain answers pass through."""
+    if text is None:
+        return None
+    text = str(text)
+    if "####" in text:
+        text = text.split("####")[-1]
+    return text.strip().replace(",", "")
+
+
+def read_examples(cfg: DataConfig) -> list[Example]:
+    if cfg.source == "arithmetic":
+        return arithmetic_examples(cfg.num_examples, seed=12345)
+    path = Path(cfg.source).expanduser()
+    looks_local = cfg.source.endswith((".jsonl", ".json", ".parquet")) or path.exists()
+    records = _records_from_file(path) if looks_local else _records_from_hub(cfg.source, cfg.split)
+    examples = []
+    for where, record in records:
+        if cfg.prompt_field not in record:
+            raise DataError(f"{where}: no field '{cfg.prompt_field}' (data.prompt_field); fields: {', '.join(record)}")
+        for name in (cfg.response_field, cfg.answer_field):
+            if name and name not in record:
+                raise DataError(f"{where}: no field '{name}'; fields: {', '.join(record)}")
+        response = record[cfg.response_field] if cfg.response_field else None
+        answer = parse_answer(record[cfg.answer_field]) if cfg.answer_field else None
+        examples.append(Example(prompt=record[cfg.prompt_field], response=response, answer=answer))
+    if not examples:
+        raise DataError(f"{cfg.source}: the dataset is empty")
+    return examples
+
+
+def _prompt_ids(prompt: Any, tokenizer, chat_template: bool) -> tuple[list[int], str]:
+    if isinstance(prompt, list):  # chat messages
+        text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    elif chat_template and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": str(prompt)}], tokenize=False, add_generation_prompt=True)
+    else:
+        text = str(prompt)
+    return tokenizer(text, add_special_tokens=False)["input_ids"], text
+
+
+def load_prompts(cfg: DataConfig, tokenizer, seed: int = 0) -> PromptSet:
+    """Tokenize, drop (and count) over-long prompts, split off a held-out set."""
+    examples = read_examples(cfg)
+    encoded, dropped = [], 0
+    for i, ex in enumerate(examples):
+        ids, text = _prompt_ids(ex.prompt, tokenizer, cfg.chat_template)
+        if len(ids) > cfg.max_prompt_tokens:
+            dropped += 1
+            continue
+        response_ids = None
+        if ex.response is not None:
+            response_ids = tokenizer(str(ex.response), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        encoded.append(EncodedExample(i, ids, response_ids, ex.answer, text))
+    if not encoded:
+        raise DataError(
+            f"{cfg.source}: all {len(examples)} prompts are longer than data.max_prompt_tokens={cfg.max_prompt_tokens}"
+        )
+    rng = random.Random(seed)
+    rng.shuffle(encoded)
+    n_eval = min(cfg.eval_size, len(encoded) - 1)
+    return PromptSet(
+        train=encoded[n_eval:],
+        eval=encoded[:n_eval],
+        dropped_too_long=dropped,
+        stats={"examples": len(examples), "kept": len(encoded), "dropped_too_long": dropped},
+    )
+
+
+class PromptStream:
+    """Endless shuffled batches over the training prompts; its position is checkpointable."""
+
+    def __init__(self, examples: list[EncodedExample], seed: int) -> None:
+        self.examples, self.seed = examples, seed
+        self.epoch, self.cursor = 0, 0
+        self._order = self._shuffled(0)
+
+    def _shuffled(self, epoch: int) -> list[int]:
+        order = list(range(len(self.examples)))
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        return order
+
+    def next_batch(self, n: int) -> list[EncodedExample]:
+        batch = []
+        while len(batch) < n:
+            if self.cursor == len(self._order):
+                self.epoch, self.cursor = self.epoch + 1, 0
+                self._order = self._shuffled(self.epoch)
+            batch.append(self.examples[self._order[self.cursor]])
+            self.cursor += 1
+        return batch
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state(self, state: dict) -> None:
+        self.epoch, self.cursor = state["epoch"], state["cursor"]
+        self._order = self._shuffled(self.epoch)
+
+
+ANSWER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def extract_number(text: str) -> Optional[str]:
+    """The last number in a generated answer (GSM8K convention), commas removed."""
+    if "####" in text:
+        text = text.split("####")[-1]
+    found = ANSWER_RE.findall(text)
+    return found[-1].replace(",", "").rstrip(".") if found else None

@@ -1,0 +1,254 @@
+"""One FSDP2 trainer rank. N of these form one torch.distributed group (gloo on CPU, nccl on GPU).
+
+The student is wrapped in ``StudentLoss`` (decoder -> fused chunked loss against the lm_head
+weight) and sharded with ``fully_shard`` per decoder layer plus the root, so the lm_head weight
+is unsharded exactly while the root's forward/backward runs and the [tokens x vocab] logits are
+never formed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+from datetime import timedelta
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from csd_ray.config import Recipe
+from csd_ray.losses import get_loss
+from csd_ray.models import decoder_layers, load_model, load_tokenizer, position_ids
+from csd_ray.rollout import Rollout, TeacherOutput, concat_rollouts
+from csd_ray.workers.hf_generate import configure_process
+
+
+class StudentLoss(torch.nn.Module):
+    """Student + loss as one module, so FSDP2 unshards the lm_head for the fused loss."""
+
+    def __init__(self, model, loss) -> None:
+        super().__init__()
+        self.model, self.loss = model, loss
+
+    def hidden_rows(self, rollout: Rollout) -> torch.Tensor:
+        out = self.model.get_decoder()(
+            input_ids=rollout.input_ids,
+            attention_mask=rollout.attention_mask,
+            position_ids=position_ids(rollout.attention_mask),
+            use_cache=False,
+        )
+        return out.last_hidden_state[:, :-1][rollout.target_mask()]
+
+    def forward(self, rollout: Rollout, teacher: TeacherOutput, teacher_lm_head, normalizer: float):
+        hidden = self.hidden_rows(rollout)
+        weights = torch.full((hidden.shape[0],), rollout.loss_weight, device=hidden.device)
+        head = self.model.get_output_embeddings()
+        return self.loss.fused(hidden, head.weight, teacher.signal(teacher_lm_head), weights,
+                               student_bias=head.bias, normalizer=normalizer)
+
+    @torch.no_grad()
+    def logits(self, rollout: Rollout) -> torch.Tensor:
+        return self.model.get_output_embeddings()(self.hidden_rows(rollout)).float()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1" if os.environ.get("CSD_RAY_LOCAL") else "", 0))
+        return s.getsockname()[1]
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant" or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class TrainerRank:
+    def __init__(self, recipe: Recipe, rank: int, world_size: int) -> None:
+        configure_process(recipe.trainer.placement.torch_threads())
+        self.recipe, self.rank, self.world_size = recipe, rank, world_size
+        self.teacher_lm_head: Optional[torch.Tensor] = None
+        self.version = 0
+
+    # ---- setup ---------------------------------------------------------------------------
+    def address(self) -> tuple[str, int]:
+        import ray
+
+        return ray.util.get_node_ip_address(), free_port()
+
+    def ready(self) -> dict:
+        import ray
+
+        return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(), "rank": self.rank}
+
+    def init_group(self, master_addr: str, master_port: int) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        cfg = self.recipe.trainer
+        uses_gpu = cfg.placement.num_gpus > 0 and torch.cuda.is_available()
+        backend = cfg.backend if cfg.backend != "auto" else ("nccl" if uses_gpu else "gloo")
+        self.device = torch.device("cuda", torch.cuda.current_device()) if uses_gpu else torch.device("cpu")
+        dist.init_process_group(
+            backend, init_method=f"tcp://{master_addr}:{master_port}", rank=self.rank,
+            world_size=self.world_size, timeout=timedelta(minutes=10),
+        )
+        self.tokenizer = load_tokenizer(self.recipe.student_model)
+        model = load_model(self.recipe.student_model, self.tokenizer, dtype="float32").train()
+        loss = get_loss(cfg.loss.name, vocab_size=len(self.tokenizer), chunk_size=cfg.loss.chunk_size or None, **cfg.loss.params)
+        self.module = StudentLoss(model, loss).to(self.device)
+        for layer in decoder_layers(model):
+            fully_shard(layer)
+        fully_shard(self.module)
+        self.optimizer = torch.optim.AdamW(
+            self.module.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay
+        )
+        total = self.recipe.run.steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total, cfg.lr_schedule)
+        )
+
+    def set_teacher_lm_head(self, weight: torch.Tensor) -> None:
+        self.teacher_lm_head = weight.to(self.device, torch.float32)
+
+    # ---- training ------------------------------------------------------------------------
+    def _my_share(self, rollout: Rollout, teacher: TeacherOutput) -> tuple[Rollout, TeacherOutput]:
+        per_rank = rollout.num_sequences // self.world_size
+        lo, hi = self.rank * per_rank, (self.rank + 1) * per_rank
+        return rollout.select(lo, hi), teacher.select(lo, hi)
+
+    def train_step(self, groups: list[tuple[list, list, float]]) -> dict:
+        """One optimizer step over every group (source) of a step: (rollout refs, teacher refs, loss weight)."""
+        import ray
+
+        t0 = time.perf_counter()
+        batches = []
+        for rollout_refs, teacher_refs, loss_weight in groups:
+            rollout = concat_rollouts(ray.get(list(rollout_refs)))
+            rollout.loss_weight = loss_weight
+            batches.append((rollout, concat_teacher_outputs(ray.get(list(teacher_refs)))))
+        t_fetch = time.perf_counter() - t0
+        total_tokens = sum(r.num_tokens() for r, _ in batches)
+        # FSDP averages gradients over ranks: scale so the sum equals the global token mean.
+        normalizer = max(total_tokens, 1) / self.world_size
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        mb = self.recipe.trainer.micro_batch_size
+        for rollout, teacher in batches:
+            mine, mine_teacher = self._my_share(rollout, teacher)
+            size = mb or mine.num_sequences
+            for start in range(0, mine.num_sequences, size):
+                part = _to(mine.select(start, start + size), self.device)
+                part_teacher = mine_teacher.select(start, start + size).to(self.device)
+                value, _ = self.module(part, part_teacher, self.teacher_lm_head, normalizer)
+                value.backward()
+                loss_sum += value.detach().double().cpu()
+        t_fwd_bwd = time.perf_counter() - t0 - t_fetch
+        dist.all_reduce(loss_sum)
+        loss_value = float(loss_sum) / self.world_size
+        clip = self.recipe.trainer.grad_clip
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), clip if clip > 0 else float("inf"))
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
+        lr = self.scheduler.get_last_lr()[0]
+        if finite:
+            self.optimizer.step()
+            self.version += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        sampled = [r for r, _ in batches if r.sampled_logprobs is not None]
+        student_versions = [r.weight_version for r, _ in batches if r.source == "student"]
+        return {
+            "loss": loss_value, "grad_norm": grad_norm, "lr": lr, "tokens": total_tokens,
+            "sequences": sum(r.num_sequences for r, _ in batches), "skipped_nonfinite": not finite,
+            "version": self.version, "rollout_version": min(student_versions) if student_versions else None,
+            "sampled_logprob_mean": (
+                float(sum(r.sampled_logprobs.sum() for r in sampled) / max(1, sum(r.num_tokens() for r in sampled)))
+                if sampled else None
+            ),
+            "payload_bytes": sum(t.nbytes() for _, t in batches),
+            "time_sample": max(r.seconds for r, _ in batches), "time_score": max(t.seconds for _, t in batches),
+            "time_fetch": t_fetch, "time_forward_backward": t_fwd_bwd,
+            "time_optimizer": time.perf_counter() - t0 - t_fetch - t_fwd_bwd,
+        }
+
+    def save_checkpoint(self, path: str) -> None:
+        """Sharded checkpoint (torch.distributed.checkpoint) of weights, optimizer and scheduler. Collective."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optim_state = get_state_dict(self.module, self.optimizer)
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=path)
+        if self.rank == 0:
+            torch.save({"scheduler": self.scheduler.state_dict(), "version": self.version}, f"{path}/trainer_state.pt")
+        dist.barrier()
+
+    # ---- weights out ---------------------------------------------------------------------
+    def full_state_dict(self) -> Optional[dict]:
+        """HF-named full state dict on rank 0 (CPU); None on other ranks. Collective."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.rank != 0:
+            return None
+        return {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+
+    def save_hf(self, path: str) -> Optional[str]:
+        """Write an HF folder (model + tokenizer) from rank 0. Collective."""
+        state = self.full_state_dict()
+        if self.rank != 0:
+            return None
+        from transformers import AutoModelForCausalLM
+
+        model = self.module.model
+        with torch.device("meta"):
+            clean = AutoModelForCausalLM.from_config(model.config)
+        clean.load_state_dict(state, strict=False, assign=True)
+        clean.tie_weights()
+        clean.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        return path
+
+    def probe_logits(self, rollout: Rollout) -> Optional[torch.Tensor]:
+        """Student logits at the loss rows (collective; every rank runs the same batch)."""
+        logits = self.module.logits(_to(rollout, self.device))
+        return logits.cpu() if self.rank == 0 else None
+
+    def parameters_vector(self) -> Optional[torch.Tensor]:
+        state = self.full_state_dict()
+        if state is None:
+            return None
+        return torch.cat([state[k].flatten().double() for k in sorted(state)])
+
+    def shutdown(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def concat_teacher_outputs(parts: list[TeacherOutput]) -> TeacherOutput:
+    if len(parts) == 1:
+        return parts[0]
+    rows = {}
+    for key in parts[0].rows:
+        tensors = [p.rows[key] for p in parts]
+        if key in ("ids", "logprobs"):  # top-k widths may differ between shards
+            width = max(t.shape[1] for t in tensors)
+            fill = 0 if key == "ids" else float("-inf")
+            tensors = [torch.nn.functional.pad(t, (0, width - t.shape[1]), value=fill) for t in tensors]
+        rows[key] = torch.cat(tensors)
+    offsets, base = [torch.zeros(1, dtype=torch.long)], 0
+    for p in parts:
+        offsets.append(p.offsets[1:] + base)
+        base += int(p.offsets[-1])
+    return TeacherOutput(parts[0].payload, rows, torch.cat(offsets))
+
+
+def _to(rollout: Rollout, device: torch.device) -> Rollout:
+    if device.type == "cpu":
+        return rollout
+    for name in ("input_ids", "attention_mask", "response_mask"):
+        setattr(rollout, name, getattr(rollout, name).to(device))
+    return rollout
