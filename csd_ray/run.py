@@ -47,9 +47,7 @@ def connect_ray(recipe: Recipe) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
     else:
-        os.environ["CSD_RAY_LOCAL"] = "1"
-        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1",
-                 runtime_env={"env_vars": {"CSD_RAY_LOCAL": "1"}})
+        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1")
 
 
 def check_cluster(recipe: Recipe) -> None:

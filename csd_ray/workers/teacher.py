@@ -65,5 +65,6 @@ class HFTeacher:
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=1.0, seed=seed, greedy=greedy,
         )
         rollout.prompt_indices = list(prompt_indices)
-        rollout.sampled_logprobs = None
+        rollout.sampled_logprobs = None  # teacher log-probs are not the student's
+        rollout.source = "teacher"
         return rollout

@@ -41,21 +41,24 @@ class StudentLoss(torch.nn.Module):
         )
         return out.last_hidden_state[:, :-1][rollout.target_mask()]
 
-    def forward(self, rollout: Rollout, teacher: TeacherOutput, teacher_lm_head, normalizer: float):
+    def forward(self, rollout: Rollout, teacher: Optional[TeacherOutput] = None, teacher_lm_head=None,
+                normalizer: float = 1.0):
+        """(loss, metrics) against ``teacher``; without a teacher, the student's logits at the loss rows.
+
+        Everything goes through forward so that FSDP2 has the root's parameters (lm_head) unsharded.
+        """
         hidden = self.hidden_rows(rollout)
-        weights = torch.full((hidden.shape[0],), rollout.loss_weight, device=hidden.device)
         head = self.model.get_output_embeddings()
+        if teacher is None:
+            return head(hidden).float()
+        weights = torch.full((hidden.shape[0],), rollout.loss_weight, device=hidden.device)
         return self.loss.fused(hidden, head.weight, teacher.signal(teacher_lm_head), weights,
                                student_bias=head.bias, normalizer=normalizer)
 
-    @torch.no_grad()
-    def logits(self, rollout: Rollout) -> torch.Tensor:
-        return self.model.get_output_embeddings()(self.hidden_rows(rollout)).float()
 
-
-def free_port() -> int:
+def free_port(host: str) -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1" if os.environ.get("CSD_RAY_LOCAL") else "", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
@@ -79,7 +82,8 @@ class TrainerRank:
     def address(self) -> tuple[str, int]:
         import ray
 
-        return ray.util.get_node_ip_address(), free_port()
+        host = ray.util.get_node_ip_address()
+        return host, free_port(host)
 
     def ready(self) -> dict:
         import ray
@@ -93,6 +97,8 @@ class TrainerRank:
         uses_gpu = cfg.placement.num_gpus > 0 and torch.cuda.is_available()
         backend = cfg.backend if cfg.backend != "auto" else ("nccl" if uses_gpu else "gloo")
         self.device = torch.device("cuda", torch.cuda.current_device()) if uses_gpu else torch.device("cpu")
+        if master_addr.startswith("127.") and backend == "gloo":
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # a loopback group stays on loopback
         dist.init_process_group(
             backend, init_method=f"tcp://{master_addr}:{master_port}", rank=self.rank,
             world_size=self.world_size, timeout=timedelta(minutes=10),
@@ -214,7 +220,8 @@ class TrainerRank:
 
     def probe_logits(self, rollout: Rollout) -> Optional[torch.Tensor]:
         """Student logits at the loss rows (collective; every rank runs the same batch)."""
-        logits = self.module.logits(_to(rollout, self.device))
+        with torch.no_grad():
+            logits = self.module(_to(rollout, self.device))
         return logits.cpu() if self.rank == 0 else None
 
     def parameters_vector(self) -> Optional[torch.Tensor]:
