@@ -350,6 +350,11 @@ class Recipe:
                 f"the vllm teacher backend produces only the 'topk' payload (prompt log-probs), got "
                 f"'{self.teacher.payload}'; use teacher.backend=hf for 'logits' or 'hidden'",
             )
+        if self.sampler.student_topk and self.teacher.backend == "vllm":
+            raise located.error(
+                "sampler.student_topk",
+                "the vllm teacher scores only its own top-k and the sampled token; student top-k ids need teacher.backend=hf",
+            )
         if self.sampler.student_topk and self.teacher.payload != "topk":
             raise located.error("sampler.student_topk", "student top-k ids are only used by the 'topk' teacher payload")
         # The loss and its parameters, checked now rather than inside a trainer actor.

@@ -36,7 +36,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. run.steps=20 trainer.lr=1e-5")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved recipe and placement plan, then exit")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
 
 
 def connect_ray(recipe: Recipe) -> None:

