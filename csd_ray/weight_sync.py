@@ -35,11 +35,27 @@ class ObjectStoreTransfer(WeightTransfer):
 
 
 class NCCLBroadcastTransfer(WeightTransfer):
+    """GPU: trainer rank 0 is NCCL rank 0; sampler i's vLLM worker is rank 1 + i (one GPU per engine)."""
+
     name = "nccl"
 
+    def __init__(self) -> None:
+        self.ready = False
+
+    def _setup(self, trainers, samplers: list) -> None:
+        addr, port = ray.get(trainers.ranks[0].address.remote())
+        world = 1 + len(samplers)
+        # Both sides block in the rendezvous, so they are started together.
+        refs = [s.init_broadcast.remote(addr, port, world, 1 + i) for i, s in enumerate(samplers)]
+        ray.get(refs + trainers.call_async("init_weight_broadcast", addr, port, world))
+        self.ready = True
+
     def push(self, trainers, samplers: list, version: int) -> list:
-        refs = trainers.call_async("broadcast_weights", version)
-        return refs + [s.receive_broadcast.remote(version) for s in samplers]
+        if not self.ready:
+            self._setup(trainers, samplers)
+        names, dtype_names, shapes = ray.get(trainers.ranks[0].weight_metadata.remote())
+        receive = [s.receive_broadcast.remote(version, names, dtype_names, shapes) for s in samplers]
+        return trainers.call_async("broadcast_weights") + receive
 
 
 def make_transfer(recipe) -> WeightTransfer:

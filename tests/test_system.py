@@ -113,11 +113,26 @@ def test_source_mixing_weights_and_curriculum(ray_session, tmp_path):
         tmp_path, "run.steps=3",
         "batch.sources=[{kind: student, loss_weight: 0.5}, {kind: teacher, loss_weight: 1.5}, {kind: dataset}]",
         "batch.source_mode=all", "batch.curriculum.start_tokens=4", "batch.curriculum.warmup_steps=2",
-        "batch.max_new_tokens=12",
+        "batch.max_new_tokens=12", "run.wandb.enabled=true", "run.wandb.mode=offline",
     )
     Controller(recipe, log=lambda m: None).run()
     records = read_metrics(tmp_path / "metrics.jsonl")
+    (wandb_run,) = (tmp_path / "wandb").glob("offline-run-*")
+    assert list(wandb_run.glob("*.wandb"))
     assert [r["max_new_tokens"] for r in records] == [4, 8, 12]
     assert all(r["sources"] == ["student", "teacher", "dataset"] for r in records)
     assert all(r["sequences"] == 12 for r in records)
     assert records[0]["mean_response_tokens"] <= 4
+
+
+def test_replay_buffer_retrains_earlier_rollouts(ray_session, tmp_path):
+    recipe = smoke_recipe(tmp_path, "run.steps=5", "batch.replay.capacity=4", "batch.replay.probability=0.5",
+                          "run.seed=1")
+    Controller(recipe, log=lambda m: None).run()
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    fresh = [r["rollout_ids"][0] for r in records if not r["replayed"]]
+    replayed = [r for r in records if r["replayed"]]
+    assert len(set(fresh)) == len(fresh)  # a fresh step never reuses a rollout
+    assert replayed, "seed 1 replays at least once in 5 steps"
+    for r in replayed:  # a replayed step trains a rollout an earlier step trained fresh
+        assert r["rollout_ids"][0] in fresh[: r["step"] - 1]

@@ -218,6 +218,31 @@ class TrainerRank:
         self.tokenizer.save_pretrained(path)
         return path
 
+    # ---- NCCL weight broadcast into vLLM workers (GPU) -------------------------------------
+    def init_weight_broadcast(self, master_address: str, master_port: int, world_size: int) -> None:
+        if self.rank == 0:
+            from vllm.distributed.weight_transfer.nccl_common import trainer_init
+
+            self.broadcaster = trainer_init(
+                {"master_address": master_address, "master_port": master_port, "world_size": world_size}, rank=0
+            )
+
+    def weight_metadata(self) -> tuple[list[str], list[str], list[list[int]]]:
+        """Names, dtypes and shapes of the full (HF-named) weights, in broadcast order."""
+        params = {k.removeprefix("model."): p for k, p in self.module.state_dict().items() if k.startswith("model.")}
+        names = sorted(params)
+        return names, [str(params[n].dtype).removeprefix("torch.") for n in names], [list(params[n].shape) for n in names]
+
+    def broadcast_weights(self) -> None:
+        """Gather the full weights (all ranks) and broadcast them from rank 0 over NCCL."""
+        state = self.full_state_dict()
+        if self.rank != 0:
+            return
+        stream = torch.cuda.current_stream()
+        for name in self.weight_metadata()[0]:
+            self.broadcaster.broadcast(state[name].to(self.device, non_blocking=True).contiguous(), src=0, stream=stream)
+        stream.synchronize()
+
     def probe_logits(self, rollout: Rollout) -> Optional[torch.Tensor]:
         """Student logits at the loss rows (collective; every rank runs the same batch)."""
         with torch.no_grad():

@@ -155,11 +155,11 @@ class VLLMSampler:
         return version
 
     # ---- NCCL weight transfer (GPU; written to vLLM's weight-transfer engine API) -------------
-    def init_broadcast(self, master_address: str, master_port: int, world_size: int) -> None:
+    def init_broadcast(self, master_address: str, master_port: int, world_size: int, rank_offset: int) -> None:
         from vllm.distributed.weight_transfer.nccl_common import NCCLWeightTransferInitInfo, worker_init_payload
 
-        info = NCCLWeightTransferInitInfo(master_address=master_address, master_port=master_port, rank_offset=1,
-                                          world_size=world_size, packed=False)
+        info = NCCLWeightTransferInitInfo(master_address=master_address, master_port=master_port,
+                                          rank_offset=rank_offset, world_size=world_size, packed=False)
         self.llm.collective_rpc("init_weight_transfer_engine", args=(worker_init_payload(info),))
 
     def receive_broadcast(self, version: int, names: list[str], dtype_names: list[str], shapes: list[list[int]]) -> int:
