@@ -58,6 +58,17 @@ class ModelConfig:
     """Parameter dtype for sampling and scoring; trainers keep fp32 master weights."""
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     """Shape of a 'tiny' model."""
+    num_layers: int = 0
+    """Keep only this many decoder layers of `path`, evenly spread (first and last kept); 0 = all."""
+    keep_layers: list[int] = field(default_factory=list)
+    """Keep exactly these decoder layers of `path` (0-based); overrides num_layers."""
+
+    def validate(self, key: str, located: Located) -> None:
+        self.tiny.validate(f"{key}.tiny", located)
+        if self.num_layers < 0:
+            raise located.error(f"{key}.num_layers", f"must be >= 0, got {self.num_layers}")
+        if any(i < 0 for i in self.keep_layers) or len(set(self.keep_layers)) != len(self.keep_layers):
+            raise located.error(f"{key}.keep_layers", f"expected distinct non-negative layer indices, got {self.keep_layers}")
 
 
 @dataclass
@@ -234,6 +245,26 @@ class BatchConfig:
 
 
 @dataclass
+class StageConfig:
+    """One phase of a staged recipe; fields left unset inherit the recipe's."""
+
+    name: str = ""
+    """Shown in logs and metrics."""
+    steps: int = 1
+    """Optimizer steps in this stage."""
+    sources: list[SourceConfig] = field(default_factory=list)
+    """Response sources of this stage; [] = batch.sources."""
+    source_mode: Optional[Literal["sample", "all"]] = None
+    """null = batch.source_mode."""
+    loss: Optional[LossConfig] = None
+    """null = trainer.loss."""
+    lr: float = 0.0
+    """Peak learning rate of this stage; 0 = trainer.lr."""
+    max_new_tokens: int = 0
+    """Response length cap of this stage; 0 = batch.max_new_tokens."""
+
+
+@dataclass
 class DataConfig:
     """Prompts (and optional reference responses)."""
 
@@ -277,8 +308,8 @@ class RunConfig:
     """Run name (console, wandb)."""
     output_dir: str = "runs/default"
     """Everything the run writes goes here."""
-    steps: int = 10
-    """Optimizer steps."""
+    steps: int = 0
+    """Optimizer steps; 0 = the sum of the stages' steps (required when there are no stages)."""
     seed: int = 0
     """Seed of data order, sampling and initialisation."""
     mode: Literal["sync", "async"] = "sync"
@@ -317,20 +348,73 @@ class Recipe:
     """Teacher scorer actors."""
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     """FSDP2 trainer group."""
+    stages: list[StageConfig] = field(default_factory=list)
+    """Optional phases run one after another (e.g. off-policy warm-up, then on-policy CSD)."""
 
-    def validate(self, located: Located) -> None:
+    def stage_at(self, step: int) -> "StageConfig":
+        """The stage a step belongs to, with every inherited field filled in."""
+        start = 0
+        for stage in self.stages:
+            if step < start + stage.steps:
+                break
+            start += stage.steps
+        else:
+            stage = StageConfig(name="main", steps=self.run.steps)
+        return StageConfig(
+            name=stage.name or "main", steps=stage.steps, sources=stage.sources or self.batch.sources,
+            source_mode=stage.source_mode or self.batch.source_mode, loss=stage.loss or self.trainer.loss,
+            lr=stage.lr or self.trainer.lr, max_new_tokens=stage.max_new_tokens or self.batch.max_new_tokens,
+        )
+
+    def _validate_loss(self, loss: LossConfig, key: str, located: Located) -> None:
         from csd_ray.losses import LossConfigError, get_loss
 
+        try:
+            loss_obj = get_loss(loss.name, chunk_size=loss.chunk_size or None, **loss.params)
+        except LossConfigError as exc:
+            raise located.error(key, str(exc)) from None
+        if not loss_obj.shift_invariant and self.teacher.payload == "topk":
+            raise located.error(f"{key}.name", f"'{loss.name}' compares raw logits and cannot use the 'topk' teacher payload")
+
+    def _validate_sources(self, sources: list[SourceConfig], mode: str, key: str, located: Located) -> None:
+        if not sources:
+            raise located.error(key, "at least one source is needed")
+        for i, src in enumerate(sources):
+            if not 0 <= src.probability <= 1:
+                raise located.error(f"{key}[{i}].probability", f"must be in [0, 1], got {src.probability}")
+            if src.loss_weight < 0:
+                raise located.error(f"{key}[{i}].loss_weight", f"must be >= 0, got {src.loss_weight}")
+            if src.kind == "dataset" and not self.data.response_field and self.data.source != "arithmetic":
+                raise located.error(f"{key}[{i}].kind", "the 'dataset' source needs reference responses: set data.response_field")
+            if self.run.mode == "async" and src.kind != "student":
+                raise located.error("run.mode", f"async mode overlaps on-policy sampling; {key}[{i}] is '{src.kind}'")
+        if mode == "sample":
+            total = sum(s.probability for s in sources)
+            if abs(total - 1.0) > 1e-6:
+                raise located.error(key, f"with source_mode 'sample' the probabilities must sum to 1, got {total:g}")
+
+    def validate(self, located: Located) -> None:
         run, batch = self.run, self.batch
+        for i, stage in enumerate(self.stages):
+            if stage.steps < 1:
+                raise located.error(f"stages[{i}].steps", f"must be >= 1, got {stage.steps}")
+            if stage.lr < 0 or stage.max_new_tokens < 0:
+                raise located.error(f"stages[{i}]", "lr and max_new_tokens must be >= 0")
+        stage_steps = sum(s.steps for s in self.stages)
+        if self.stages and run.steps not in (0, stage_steps):
+            raise located.error("run.steps", f"is {run.steps} but the stages add up to {stage_steps} steps; set it to "
+                                f"{stage_steps} or leave it out")
+        if self.stages:
+            run.steps = stage_steps
         if run.steps < 1:
-            raise located.error("run.steps", f"must be >= 1, got {run.steps}")
+            raise located.error("run.steps", f"must be >= 1 (or define stages), got {run.steps}")
         for key in ("max_staleness", "checkpoint_every", "eval_every"):
             if getattr(run, key) < 0:
                 raise located.error(f"run.{key}", f"must be >= 0, got {getattr(run, key)}")
         if run.weight_sync_every < 1:
             raise located.error("run.weight_sync_every", f"must be >= 1, got {run.weight_sync_every}")
         for name in ("teacher_model", "student_model"):
-            getattr(self, name).tiny.validate(f"{name}.tiny", located)
+            getattr(self, name).validate(name, located)
         self.sampler.placement.validate("sampler.placement", located)
         self.teacher.placement.validate("teacher.placement", located)
         self.trainer.placement.validate("trainer.placement", located)
@@ -357,16 +441,11 @@ class Recipe:
             )
         if self.sampler.student_topk and self.teacher.payload != "topk":
             raise located.error("sampler.student_topk", "student top-k ids are only used by the 'topk' teacher payload")
-        # The loss and its parameters, checked now rather than inside a trainer actor.
-        loss = self.trainer.loss
-        try:
-            loss_obj = get_loss(loss.name, chunk_size=loss.chunk_size or None, **loss.params)
-        except LossConfigError as exc:
-            raise located.error("trainer.loss", str(exc)) from None
-        if not loss_obj.shift_invariant and self.teacher.payload == "topk":
-            raise located.error(
-                "trainer.loss.name", f"'{loss.name}' compares raw logits and cannot use the 'topk' teacher payload"
-            )
+        # Losses and their parameters, checked now rather than inside a trainer actor.
+        self._validate_loss(self.trainer.loss, "trainer.loss", located)
+        for i, stage in enumerate(self.stages):
+            if stage.loss is not None:
+                self._validate_loss(stage.loss, f"stages[{i}].loss", located)
         # Batch shape.
         for key in ("prompts_per_step", "samples_per_prompt", "max_new_tokens"):
             if getattr(batch, key) < 1:
@@ -385,26 +464,10 @@ class Recipe:
                 f"each rank gets {per_source // self.trainer.num_ranks} sequences per source, which "
                 f"micro_batch_size={mb} does not divide",
             )
-        if not batch.sources:
-            raise located.error("batch.sources", "at least one source is needed")
-        for i, src in enumerate(batch.sources):
-            if not 0 <= src.probability <= 1:
-                raise located.error(f"batch.sources[{i}].probability", f"must be in [0, 1], got {src.probability}")
-            if src.loss_weight < 0:
-                raise located.error(f"batch.sources[{i}].loss_weight", f"must be >= 0, got {src.loss_weight}")
-            if src.kind == "dataset" and not self.data.response_field and self.data.source != "arithmetic":
-                raise located.error(
-                    f"batch.sources[{i}].kind",
-                    "the 'dataset' source needs reference responses: set data.response_field",
-                )
-        if batch.source_mode == "sample":
-            total = sum(s.probability for s in batch.sources)
-            if abs(total - 1.0) > 1e-6:
-                raise located.error(
-                    "batch.sources", f"with source_mode 'sample' the probabilities must sum to 1, got {total:g}"
-                )
-        if run.mode == "async" and any(s.kind != "student" for s in batch.sources):
-            raise located.error("run.mode", "async mode overlaps on-policy sampling; use only 'student' sources with it")
+        self._validate_sources(batch.sources, batch.source_mode, "batch.sources", located)
+        for i, stage in enumerate(self.stages):
+            if stage.sources:
+                self._validate_sources(stage.sources, stage.source_mode or batch.source_mode, f"stages[{i}].sources", located)
         if batch.replay.capacity < 0 or not 0 <= batch.replay.probability <= 1:
             raise located.error("batch.replay", "capacity must be >= 0 and probability in [0, 1]")
         if batch.replay.probability > 0 and batch.replay.capacity == 0:

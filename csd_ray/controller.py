@@ -24,6 +24,7 @@ import yaml
 
 from csd_ray.config import Recipe, SourceConfig
 from csd_ray.data import PromptStream, load_prompts
+from csd_ray.evaluation import Evaluator, format_eval
 from csd_ray.metrics import MetricsLogger
 from csd_ray.models import check_same_tokenizer, load_tokenizer
 from csd_ray.placement import plan
@@ -62,6 +63,7 @@ class Controller:
         self.run_dir = Path(recipe.run.output_dir)
         self.log = log
         self.step = 0
+        self._sync_seconds = 0.0  # weight-sync time since the last logged step
         self.version = 0  # optimizer steps applied to the trainers' weights
         self.synced_version = 0  # newest version sent to the sampler(s)
         self.replay: deque[PlannedStep] = deque(maxlen=max(1, recipe.batch.replay.capacity))
@@ -97,6 +99,11 @@ class Controller:
             self.trainers.call("set_teacher_lm_head", self.teachers[0].lm_head.remote())
         self.transfer = make_transfer(r)
         self.metrics = MetricsLogger(r, self.run_dir, r.run.steps, self.step)
+        self.evaluator = None
+        if self.prompts.eval:
+            self.evaluator = Evaluator(self.prompts.eval, self.samplers[0], self.teachers[0], self.tokenizer,
+                                       self.run_dir, r.run.eval_max_new_tokens, seed=r.run.seed + 99)
+        self.eval_history: list[dict] = []
 
     def _actors(self, cls, role) -> list:
         remote = ray.remote(cls)
@@ -112,32 +119,60 @@ class Controller:
     def run(self) -> Path:
         self.start()
         try:
+            self.evaluate()
             self.train()
             return self.finish()
         finally:
             self.shutdown()
 
+    def evaluate(self) -> dict:
+        """Held-out metrics of the current student (synced to the sampler first)."""
+        if self.evaluator is None:
+            return {}
+        if self.synced_version != self.version:
+            self._sync(block=True)
+        t0 = time.perf_counter()
+        metrics = self.evaluator.run(self.step)
+        self.eval_history.append({"step": self.step, **metrics})
+        self.metrics.log({"kind": "eval", "step": self.step, **{f"eval/{k}": v for k, v in metrics.items()},
+                          "eval/seconds": time.perf_counter() - t0})
+        self.metrics.message(f"eval step {self.step}: {format_eval(metrics)}")
+        return metrics
+
     def train(self) -> None:
         run = self.recipe.run
-        ahead = run.max_staleness if run.mode == "async" else 0
         pending: deque[PlannedStep] = deque()
         next_launch = self.step
         self._last_step_end = time.perf_counter()
         while self.step < run.steps:
-            # Async: start sampling later steps now, as long as the weights they would be sampled
-            # with are at most `ahead` versions older than those that will train on them.
-            while next_launch < run.steps and next_launch <= self.step + ahead and (
-                run.mode == "sync" or self.synced_version >= next_launch - ahead
-            ):
+            while next_launch < run.steps and self._may_launch(next_launch):
                 pending.append(self._launch(next_launch))
                 next_launch += 1
             self._step(pending.popleft())
+
+    def _may_launch(self, index: int) -> bool:
+        """Whether step ``index``'s responses can be produced now.
+
+        Teacher and dataset responses do not depend on the student, so they are produced one step
+        ahead in any mode (overlapping training). Student samples: in sync mode only once the
+        previous step has trained; in async mode up to ``max_staleness`` steps ahead, as long as
+        the weights they would be sampled with are at most that many versions old.
+        """
+        run = self.recipe.run
+        on_policy = any(s.kind == "student" for s in self.recipe.stage_at(index).sources)
+        if not on_policy:
+            return index <= self.step + 1
+        if run.mode == "sync":
+            return index <= self.step
+        return index <= self.step + run.max_staleness and self.synced_version >= index - run.max_staleness
 
     def _step(self, planned: PlannedStep) -> None:
         run = self.recipe.run
         t0 = time.perf_counter()
         version_before = self.version
-        results = self.trainers.call("train_step", [(g.rollouts, g.teacher, g.loss_weight) for g in planned.groups])
+        stage = self.recipe.stage_at(planned.index)
+        results = self.trainers.call("train_step", [(g.rollouts, g.teacher, g.loss_weight) for g in planned.groups],
+                                     to_dict(stage.loss), stage.lr)
         result = results[0]
         t_train = time.perf_counter() - t0
         self.version = result["version"]
@@ -147,13 +182,14 @@ class Controller:
             raise RuntimeError(f"step {planned.index}: trained a rollout {staleness} versions old (allowed {allowed})")
         if self.recipe.batch.replay.capacity and not planned.replayed:
             self.replay.append(planned)
-        t_sync = 0.0
-        if (planned.index + 1) % run.weight_sync_every == 0 or planned.index + 1 == run.steps:
-            t_sync = self._sync(block=run.mode == "sync")
+        if run.mode == "async":  # keep the sampler as fresh as the staleness bound requires
+            self._sync(block=False)
+        t_sync, self._sync_seconds = self._sync_seconds, 0.0
         self.step = planned.index + 1
         step_time = time.perf_counter() - self._last_step_end
         record = {
-            "kind": "train", "step": self.step, "loss": result["loss"], "grad_norm": result["grad_norm"],
+            "kind": "train", "step": self.step, "stage": stage.name, "loss_name": stage.loss.name,
+            "loss": result["loss"], "grad_norm": result["grad_norm"],
             "lr": result["lr"], "tokens": result["tokens"], "sequences": result["sequences"],
             "mean_response_tokens": result["tokens"] / max(1, result["sequences"]),
             "sources": [g.source for g in planned.groups], "replayed": planned.replayed,
@@ -169,29 +205,31 @@ class Controller:
         self._last_step_end = time.perf_counter()
         if run.checkpoint_every and self.step % run.checkpoint_every == 0 and self.step < run.steps:
             self.checkpoint()
+        if run.eval_every and self.step % run.eval_every == 0 and self.step < run.steps:
+            self.evaluate()
 
     # ---- launching a step's work -----------------------------------------------------------
     def _launch(self, index: int) -> PlannedStep:
         r = self.recipe
         rng = random.Random(r.run.seed * 7919 + index)
-        max_new = self._max_new_tokens(index)
+        stage = r.stage_at(index)
+        max_new = self._max_new_tokens(index, stage.max_new_tokens)
         if self.replay and rng.random() < r.batch.replay.probability:
             old = rng.choice(list(self.replay))
             return PlannedStep(index, old.groups, old.max_new_tokens, replayed=True)
-        if r.batch.source_mode == "all":
-            sources = list(r.batch.sources)
+        if stage.source_mode == "all":
+            sources = list(stage.sources)
         else:
-            sources = [rng.choices(r.batch.sources, weights=[s.probability for s in r.batch.sources])[0]]
+            sources = [rng.choices(stage.sources, weights=[s.probability for s in stage.sources])[0]]
         groups = [self._launch_source(src, index, max_new, index * 16 + k) for k, src in enumerate(sources)]
         return PlannedStep(index, groups, max_new)
 
-    def _max_new_tokens(self, index: int) -> int:
-        b = self.recipe.batch
-        cur = b.curriculum
+    def _max_new_tokens(self, index: int, limit: int) -> int:
+        cur = self.recipe.batch.curriculum
         if not cur.start_tokens or not cur.warmup_steps:
-            return b.max_new_tokens
+            return limit
         frac = min(1.0, index / cur.warmup_steps)
-        return int(round(cur.start_tokens + frac * (b.max_new_tokens - cur.start_tokens)))
+        return int(round(min(cur.start_tokens, limit) + frac * (limit - min(cur.start_tokens, limit))))
 
     def _launch_source(self, src: SourceConfig, index: int, max_new: int, rollout_id: int) -> Group:
         b = self.recipe.batch
@@ -210,6 +248,8 @@ class Controller:
             )
             rollout_refs = [ray.put(rollout)]
         else:
+            if src.kind == "student" and self.version - self.synced_version >= self.recipe.run.weight_sync_every:
+                self._sync(block=True)  # sync mode: weights move only when the sampler needs them
             actors = self.samplers if src.kind == "student" else self.teachers
             rollout_refs = [
                 actor.generate.remote(prompts[lo:hi], indices[lo:hi], max_new, seed + i)
@@ -225,7 +265,9 @@ class Controller:
         self.synced_version = self.version
         if block:
             ray.get(refs)
-        return time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        self._sync_seconds += seconds
+        return seconds
 
     def checkpoint(self) -> Path:
         """Sharded checkpoint of the trainers plus the controller's own state, made visible atomically."""
@@ -247,6 +289,12 @@ class Controller:
         final = self.run_dir / "final"
         shutil.rmtree(final, ignore_errors=True)
         self.trainers.call("save_hf", str(final))
+        self.evaluate()
+        if len(self.eval_history) >= 2:
+            before, after = self.eval_history[0], self.eval_history[-1]
+            lines = [f"{'metric':24s}{'before':>10s}{'after':>10s}"]
+            lines += [f"{k:24s}{before[k]:10.3f}{after[k]:10.3f}" for k in before if k != "step"]
+            self.metrics.message("held-out evaluation:\n" + "\n".join(lines))
         self.metrics.message(f"done: {self.step} steps; student written to {final}")
         return final
 

@@ -88,8 +88,15 @@ def gguf_folder(gguf_path: Path, name: Optional[str] = None, expected_sha256: Op
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         tokenizer.save_pretrained(out)
         if with_model:
-            model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
-            model.save_pretrained(out)
+            loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+            # transformers marks GGUF-loaded models as quantized and refuses to save them, although
+            # the weights are already dequantized: copy them into a plain model of the same config.
+            config = loaded.config
+            if hasattr(config, "quantization_config"):
+                del config.quantization_config
+            plain = type(loaded)(config)
+            plain.load_state_dict(loaded.state_dict())
+            plain.save_pretrained(out)
 
     stem = name or gguf_path.stem
     return _materialise(f"{stem}{'' if with_model else '-tokenizer'}", build)
@@ -164,6 +171,54 @@ def tiny_model(cfg: ModelConfig, vocab_size: int, bos_id: Optional[int], eos_id:
     return model
 
 
+def layer_subset(num_total: int, cfg: ModelConfig) -> Optional[list[int]]:
+    """Indices of the decoder layers a config keeps (None: all of them)."""
+    if cfg.keep_layers:
+        bad = [i for i in cfg.keep_layers if i >= num_total]
+        if bad:
+            raise ModelLoadError(f"keep_layers {bad} out of range: {cfg.path} has {num_total} layers")
+        return sorted(cfg.keep_layers)
+    if not cfg.num_layers or cfg.num_layers >= num_total:
+        return None
+    if cfg.num_layers == 1:
+        return [0]
+    return sorted({round(i * (num_total - 1) / (cfg.num_layers - 1)) for i in range(cfg.num_layers)})
+
+
+def prune_layers(model, keep: list[int]):
+    """Keep only decoder layers ``keep`` (in order), renumbering what indexes the KV cache."""
+    decoder = model.get_decoder()
+    decoder.layers = torch.nn.ModuleList([decoder.layers[i] for i in keep])
+    for new_index, layer in enumerate(decoder.layers):
+        attn = getattr(layer, "self_attn", None)
+        if attn is not None and hasattr(attn, "layer_idx"):
+            attn.layer_idx = new_index
+    config = model.config
+    if getattr(config, "layer_types", None):
+        config.layer_types = [config.layer_types[i] for i in keep]
+    config.num_hidden_layers = len(keep)
+    return model
+
+
+def _subset_folder(cfg: ModelConfig, tokenizer=None) -> Optional[str]:
+    """An HF folder holding the layer subset of ``cfg.path`` (None when all layers are kept)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    base = resolve(cfg.path)
+    keep = layer_subset(AutoConfig.from_pretrained(base).num_hidden_layers, cfg)
+    if keep is None:
+        return None
+    name = Path(base).name if Path(base).exists() else base.replace("/", "--")
+    key = f"{name}-layers-{'-'.join(map(str, keep))}"
+
+    def build(out: Path) -> None:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        prune_layers(model, keep).save_pretrained(out)
+        (tokenizer or load_tokenizer(cfg)).save_pretrained(out)
+
+    return str(_materialise(key, build))
+
+
 def load_model(cfg: ModelConfig, tokenizer=None, dtype: Optional[str] = None):
     """The model of a config, in ``dtype`` (default: the config's), in eval mode."""
     from transformers import AutoModelForCausalLM
@@ -172,10 +227,10 @@ def load_model(cfg: ModelConfig, tokenizer=None, dtype: Optional[str] = None):
     if cfg.path == "tiny":
         tokenizer = tokenizer or load_tokenizer(cfg)
         model = tiny_model(cfg, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
-        return model.to(torch_dtype).eval()
-    location = resolve(cfg.path)
+        keep = layer_subset(cfg.tiny.num_layers, cfg)
+        return (prune_layers(model, keep) if keep else model).to(torch_dtype).eval()
     try:
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_pretrained(model_folder(cfg, tokenizer), dtype=torch_dtype)
     except OSError as exc:
         raise ModelLoadError(_offline_hint(cfg.path, exc)) from None
     return model.eval()
@@ -184,9 +239,12 @@ def load_model(cfg: ModelConfig, tokenizer=None, dtype: Optional[str] = None):
 def model_folder(cfg: ModelConfig, tokenizer=None) -> str:
     """An HF folder holding the model and tokenizer (vLLM loads from folders)."""
     if cfg.path != "tiny":
-        return resolve(cfg.path)
+        subset = _subset_folder(cfg, tokenizer) if cfg.num_layers or cfg.keep_layers else None
+        return subset or resolve(cfg.path)
     tiny = cfg.tiny
     key = f"tiny-{tiny.num_layers}x{tiny.hidden_size}-h{tiny.num_heads}-kv{tiny.num_kv_heads}-i{tiny.intermediate_size}-s{tiny.seed}"
+    if cfg.num_layers or cfg.keep_layers:
+        key += "-layers-" + "-".join(map(str, layer_subset(tiny.num_layers, cfg) or range(tiny.num_layers)))
 
     def build(out: Path) -> None:
         tok = tokenizer or load_tokenizer(cfg)

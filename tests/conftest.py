@@ -28,10 +28,12 @@ def ray_session():
     ray.shutdown()
 
 
-def smoke_recipe(tmp_path, *overrides):
+def smoke_recipe(tmp_path, *overrides, evaluate=False):
+    """recipes/smoke.yaml writing to tmp_path; held-out evaluation off unless asked for (it costs time)."""
     from csd_ray.config import load_recipe
 
-    return load_recipe(REPO / "recipes" / "smoke.yaml", [f"run.output_dir={tmp_path}", *overrides])
+    base = [f"run.output_dir={tmp_path}"] + ([] if evaluate else ["data.eval_size=0"])
+    return load_recipe(REPO / "recipes" / "smoke.yaml", [*base, *overrides])
 
 
 def free_port() -> int:

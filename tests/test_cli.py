@@ -13,6 +13,8 @@ SMOKE = str(REPO / "recipes" / "smoke.yaml")
 
 
 def _write(tmp_path, text):
+    if "run:" not in text and not text.startswith("-"):
+        text += "run:\n  steps: 2\n"
     path = tmp_path / "recipe.yaml"
     path.write_text(text)
     return str(path)
@@ -33,7 +35,10 @@ def _write(tmp_path, text):
         ("teacher:\n  backend: vllm\n  payload: hidden\n", [], ["teacher.payload", "only the 'topk' payload"]),
         ("trainer:\n  loss:\n    name: dld\nteacher:\n  payload: topk\n", [], ["trainer.loss.name", "'dld'", "topk"]),
         ("trainer:\n  loss:\n    name: csd\n    params: {weights: [student, techer]}\n", [], ["trainer.loss", "unknown weighting 'techer'"]),
-        ("run:\n  mode: async\nbatch:\n  sources: [{kind: teacher}]\n", [], ["run.mode", "async"]),
+        ("run:\n  steps: 2\n  mode: async\nbatch:\n  sources: [{kind: teacher}]\n", [], ["run.mode", "async", "batch.sources[0] is 'teacher'"]),
+        ("run:\n  steps: 5\nstages: [{steps: 2}, {steps: 2}]\n", [], ["run.steps", "stages add up to 4"]),
+        ("stages: [{steps: 2, loss: {name: csd, params: {alpha: 2}}}]\n", [], ["stages[0].loss", "'alpha' must be in [0, 1]"]),
+        ("run:\n  steps: 0\n", [], ["run.steps", "must be >= 1 (or define stages)"]),
         ("batch:\n  sources: [{kind: student, probability: 0.5}]\n", [], ["batch.sources", "sum to 1, got 0.5"]),
         ("sampler:\n  weight_transfer: nccl\n", [], ["sampler.weight_transfer", "'nccl' needs"]),
         # overrides are checked the same way, and say they came from the command line

@@ -99,3 +99,14 @@ def forward_hidden(model, rollout: Rollout) -> torch.Tensor:
         use_cache=False,
     )
     return out.last_hidden_state
+
+
+@torch.no_grad()
+def response_logprobs(model, rollout: Rollout) -> torch.Tensor:
+    """Log-prob under ``model`` of every response token of a rollout, ``[B, T]`` (0 elsewhere)."""
+    hidden = forward_hidden(model, rollout)[:, :-1][rollout.target_mask()]
+    logits = model.get_output_embeddings()(hidden).float()
+    tokens = rollout.input_ids[:, 1:][rollout.target_mask()]
+    out = torch.zeros(rollout.input_ids.shape)
+    out[:, 1:][rollout.target_mask()] = torch.log_softmax(logits, -1).gather(1, tokens[:, None]).squeeze(1)
+    return out

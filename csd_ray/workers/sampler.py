@@ -10,7 +10,7 @@ import torch
 from csd_ray.config import Recipe
 from csd_ray.models import load_model, load_tokenizer
 from csd_ray.rollout import Rollout
-from csd_ray.workers.hf_generate import configure_process, forward_hidden, hf_generate
+from csd_ray.workers.hf_generate import configure_process, forward_hidden, hf_generate, response_logprobs
 
 
 class HFSampler:
@@ -56,3 +56,7 @@ class HFSampler:
         """Student logits at the loss rows of a rollout (tests: compare with the trainer)."""
         hidden = forward_hidden(self.model, rollout)[:, :-1][rollout.target_mask()]
         return self.model.get_output_embeddings()(hidden).float()
+
+    def token_logprobs(self, rollout: Rollout) -> torch.Tensor:
+        """Log-prob of every response token under this model (evaluation NLLs)."""
+        return response_logprobs(self.model, rollout)

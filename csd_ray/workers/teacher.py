@@ -11,7 +11,7 @@ from csd_ray.config import Recipe
 from csd_ray.losses import topk_from_logits
 from csd_ray.models import load_model, load_tokenizer
 from csd_ray.rollout import Rollout, TeacherOutput, row_offsets
-from csd_ray.workers.hf_generate import configure_process, forward_hidden, hf_generate
+from csd_ray.workers.hf_generate import configure_process, forward_hidden, hf_generate, response_logprobs
 
 
 class HFTeacher:
@@ -60,6 +60,7 @@ class HFTeacher:
 
     def generate(self, prompts: list[list[int]], prompt_indices: list[int], max_new_tokens: int, seed: int,
                  greedy: bool = False, temperature: float = 1.0) -> Rollout:
+        t0 = time.perf_counter()
         rollout = hf_generate(
             self.model, prompts, pad_id=self.tokenizer.pad_token_id, eos_id=self.tokenizer.eos_token_id,
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=1.0, seed=seed, greedy=greedy,
@@ -67,4 +68,9 @@ class HFTeacher:
         rollout.prompt_indices = list(prompt_indices)
         rollout.sampled_logprobs = None  # teacher log-probs are not the student's
         rollout.source = "teacher"
+        rollout.seconds = time.perf_counter() - t0
         return rollout
+
+    def token_logprobs(self, rollout: Rollout) -> torch.Tensor:
+        """Log-prob of every response token under this model (evaluation NLLs)."""
+        return response_logprobs(self.model, rollout)

@@ -105,14 +105,14 @@ class TrainerRank:
         )
         self.tokenizer = load_tokenizer(self.recipe.student_model)
         model = load_model(self.recipe.student_model, self.tokenizer, dtype="float32").train()
+        self._losses: dict = {}
         loss = get_loss(cfg.loss.name, vocab_size=len(self.tokenizer), chunk_size=cfg.loss.chunk_size or None, **cfg.loss.params)
         self.module = StudentLoss(model, loss).to(self.device)
         for layer in decoder_layers(model):
             fully_shard(layer)
         fully_shard(self.module)
-        self.optimizer = torch.optim.AdamW(
-            self.module.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay
-        )
+        lr = self.recipe.stage_at(0).lr
+        self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
         total = self.recipe.run.steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total, cfg.lr_schedule)
@@ -127,10 +127,23 @@ class TrainerRank:
         lo, hi = self.rank * per_rank, (self.rank + 1) * per_rank
         return rollout.select(lo, hi), teacher.select(lo, hi)
 
-    def train_step(self, groups: list[tuple[list, list, float]]) -> dict:
+    def _use(self, loss: Optional[dict], lr: Optional[float]) -> None:
+        """Switch to a stage's loss and peak learning rate (losses cached by their spec)."""
+        if loss is not None:
+            key = repr(sorted(loss.items()))
+            if key not in self._losses:
+                self._losses[key] = get_loss(loss["name"], vocab_size=len(self.tokenizer),
+                                             chunk_size=loss.get("chunk_size") or None, **loss.get("params", {}))
+            self.module.loss = self._losses[key]
+        if lr is not None:
+            self.scheduler.base_lrs = [lr for _ in self.scheduler.base_lrs]
+
+    def train_step(self, groups: list[tuple[list, list, float]], loss: Optional[dict] = None,
+                   lr: Optional[float] = None) -> dict:
         """One optimizer step over every group (source) of a step: (rollout refs, teacher refs, loss weight)."""
         import ray
 
+        self._use(loss, lr)
         t0 = time.perf_counter()
         batches = []
         for rollout_refs, teacher_refs, loss_weight in groups:

@@ -70,6 +70,25 @@ def make_llm(folder: str, dtype: str, seed: int, max_model_len: int, gpu_memory_
     return LLM(**kwargs)
 
 
+def vllm_token_logprobs(llm, rollout: Rollout) -> torch.Tensor:
+    """Log-prob of every response token via prompt_logprobs (which always include the actual token)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    prompts, places = [], []
+    for b in range(rollout.num_sequences):
+        cols = rollout.attention_mask[b].nonzero().squeeze(1)
+        prompts.append(TokensPrompt(prompt_token_ids=rollout.input_ids[b, cols].tolist()))
+        places.append(cols.tolist())
+    outputs = llm.generate(prompts, SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
+    out = torch.zeros(rollout.input_ids.shape)
+    for b, (o, cols) in enumerate(zip(outputs, places)):
+        for j, col in enumerate(cols):
+            if j > 0 and rollout.response_mask[b, col]:
+                out[b, col] = o.prompt_logprobs[j][int(rollout.input_ids[b, col])].logprob
+    return out
+
+
 def _sorted_topk(entry: dict) -> list[tuple[int, float, int]]:
     """(token id, log-prob, rank) of one position's log-prob dict, best first."""
     return sorted(((tid, lp.logprob, lp.rank or 0) for tid, lp in entry.items()), key=lambda x: (x[2], -x[1]))
@@ -141,6 +160,9 @@ class VLLMSampler:
                                 temperature=cfg.temperature, top_p=cfg.top_p, greedy=greedy, student_topk=cfg.student_topk)
         rollout.weight_version, rollout.prompt_indices = self.version, list(prompt_indices)
         return rollout
+
+    def token_logprobs(self, rollout: Rollout) -> torch.Tensor:
+        return vllm_token_logprobs(self.llm, rollout)
 
     def receive_weights(self, state_dict: dict, version: int) -> int:
         from safetensors.torch import save
@@ -217,6 +239,9 @@ class VLLMTeacher:
                                 temperature=temperature, top_p=1.0, greedy=greedy, student_topk=0)
         rollout.sampled_logprobs, rollout.source, rollout.prompt_indices = None, "teacher", list(prompt_indices)
         return rollout
+
+    def token_logprobs(self, rollout: Rollout) -> torch.Tensor:
+        return vllm_token_logprobs(self.llm, rollout)
 
     def lm_head(self) -> Optional[torch.Tensor]:
         raise NotImplementedError("the vllm teacher produces only the 'topk' payload")
