@@ -316,16 +316,29 @@ class RunConfig:
     """sync: sample -> score -> train -> sync; async: sampling of later batches overlaps training."""
     max_staleness: int = 1
     """async: the most optimizer steps a trained rollout's weights may lag behind."""
+    overlap_offpolicy: bool = True
+    """Produce teacher/dataset responses one step ahead, overlapping training. Turn off when the
+    roles share a few CPU cores: oversubscribed torch threads make both sides slower."""
     weight_sync_every: int = 1
     """Steps between weight syncs to the sampler (sync mode)."""
     checkpoint_every: int = 0
-    """Steps between sharded checkpoints; 0 = only at the end."""
+    """Steps between sharded checkpoints; 0 = only at the end (and on SIGTERM/SIGINT)."""
+    keep_checkpoints: int = 2
+    """Complete checkpoints kept in output_dir/checkpoints (older ones are deleted)."""
+    resume: str = "auto"
+    """'auto': continue from the newest complete checkpoint in output_dir, if any; 'never': start
+    fresh (refused if output_dir holds checkpoints); or the path of a checkpoint folder."""
+    max_nonfinite_steps: int = 3
+    """Stop after this many consecutive steps whose loss or gradient was NaN/inf (each is skipped)."""
     eval_every: int = 0
     """Steps between evaluations; 0 = only before and after training."""
     eval_max_new_tokens: int = 48
     """Response length during evaluation."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
     """wandb logging."""
+    cluster: str = ""
+    """Cluster config the recipe is sized for (clusters/*.yaml or a KubeRay manifest); --dry-run
+    then shows how many nodes of each type it needs and whether they fit."""
 
 
 @dataclass
@@ -411,6 +424,8 @@ class Recipe:
         for key in ("max_staleness", "checkpoint_every", "eval_every"):
             if getattr(run, key) < 0:
                 raise located.error(f"run.{key}", f"must be >= 0, got {getattr(run, key)}")
+        if run.keep_checkpoints < 1 or run.max_nonfinite_steps < 1:
+            raise located.error("run", "keep_checkpoints and max_nonfinite_steps must be >= 1")
         if run.weight_sync_every < 1:
             raise located.error("run.weight_sync_every", f"must be >= 1, got {run.weight_sync_every}")
         for name in ("teacher_model", "student_model"):

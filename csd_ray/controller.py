@@ -26,7 +26,7 @@ from csd_ray.config import Recipe, SourceConfig
 from csd_ray.data import PromptStream, load_prompts
 from csd_ray.evaluation import Evaluator, format_eval
 from csd_ray.metrics import MetricsLogger
-from csd_ray.models import check_same_tokenizer, load_tokenizer
+from csd_ray.models import check_same_tokenizer, load_tokenizer, resolve
 from csd_ray.placement import plan
 from csd_ray.rollout import rollout_from_tokens
 from csd_ray.schema import to_dict
@@ -34,6 +34,29 @@ from csd_ray.weight_sync import make_transfer
 from csd_ray.workers.group import TrainerGroup
 
 ACTOR_ENV = {"TOKENIZERS_PARALLELISM": "false", "TORCH_COMPILE_DISABLE": "1"}
+
+
+class RunStopped(RuntimeError):
+    """The run stopped early on purpose (signal, non-finite losses); the message says how to go on."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def fingerprint(recipe: Recipe) -> dict:
+    """What a checkpoint must agree on to be resumed by this recipe."""
+    s = recipe.student_model
+    return {"student": s.path, "num_layers": s.num_layers, "keep_layers": list(s.keep_layers),
+            "tiny": to_dict(s.tiny) if s.path == "tiny" else None, "trainer_ranks": recipe.trainer.num_ranks,
+            "seed": recipe.run.seed}
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoint folders that finished writing, oldest first (half-written ones never qualify)."""
+    root = run_dir / "checkpoints"
+    found = [p for p in root.glob("step_*") if (p / "COMPLETE").exists()] if root.exists() else []
+    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
 
 
 @dataclass
@@ -70,12 +93,22 @@ class Controller:
         self.samplers: list = []
         self.teachers: list = []
         self.trainers: Optional[TrainerGroup] = None
+        self.stop_requested: Optional[str] = None  # set by a signal handler: stop after this step
+        self.nonfinite_in_a_row = 0
+        self.resumed_from: Optional[Path] = None
 
     # ---- set-up --------------------------------------------------------------------------
-    def start(self) -> None:
+    def prepare(self) -> None:
+        """Every check that needs no actor: resume point, model paths, tokenizers, data.
+
+        Runs before Ray starts, so bad input fails in seconds with one message."""
+        if getattr(self, "prepared", False):
+            return
         r = self.recipe
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "recipe.yaml").write_text(yaml.safe_dump(to_dict(r), sort_keys=False))
+        self.resume = self._resume_point()
+        for cfg in (r.student_model, r.teacher_model):
+            if cfg.path != "tiny":
+                resolve(cfg.path, need_model=False)
         self.tokenizer = load_tokenizer(r.student_model)
         check_same_tokenizer(self.tokenizer, load_tokenizer(r.teacher_model), r.student_model.path, r.teacher_model.path)
         self.prompts = load_prompts(r.data, self.tokenizer, seed=r.run.seed)
@@ -83,6 +116,14 @@ class Controller:
             self.log(f"data: dropped {self.prompts.dropped_too_long} prompts longer than {r.data.max_prompt_tokens} tokens")
         self.stream = PromptStream(self.prompts.train, seed=r.run.seed)
         self.log(f"data: {len(self.prompts.train)} training prompts, {len(self.prompts.eval)} held out")
+        self.prepared = True
+
+    def start(self) -> None:
+        r = self.recipe
+        self.prepare()
+        resume = self.resume
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "recipe.yaml").write_text(yaml.safe_dump(to_dict(r), sort_keys=False))
 
         roles = {role.role: role for role in plan(r)}
         self.samplers = self._actors(_sampler_class(r), roles["sampler"])
@@ -98,7 +139,11 @@ class Controller:
         if r.teacher.payload == "hidden":
             self.trainers.call("set_teacher_lm_head", self.teachers[0].lm_head.remote())
         self.transfer = make_transfer(r)
+        if resume is not None:
+            self._restore(resume)
         self.metrics = MetricsLogger(r, self.run_dir, r.run.steps, self.step)
+        if self.resumed_from is not None:
+            self.metrics.message(f"resumed from {self.resumed_from} at step {self.step}")
         self.evaluator = None
         if self.prompts.eval:
             self.evaluator = Evaluator(self.prompts.eval, self.samplers[0], self.teachers[0], self.tokenizer,
@@ -119,7 +164,8 @@ class Controller:
     def run(self) -> Path:
         self.start()
         try:
-            self.evaluate()
+            if self.resumed_from is None:
+                self.evaluate()
             self.train()
             return self.finish()
         finally:
@@ -161,7 +207,7 @@ class Controller:
         run = self.recipe.run
         on_policy = any(s.kind == "student" for s in self.recipe.stage_at(index).sources)
         if not on_policy:
-            return index <= self.step + 1
+            return index <= self.step + (1 if run.overlap_offpolicy else 0)
         if run.mode == "sync":
             return index <= self.step
         return index <= self.step + run.max_staleness and self.synced_version >= index - run.max_staleness
@@ -203,6 +249,17 @@ class Controller:
         }
         self.metrics.log(record)
         self._last_step_end = time.perf_counter()
+        self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if result["skipped_nonfinite"] else 0
+        if self.nonfinite_in_a_row >= run.max_nonfinite_steps:
+            raise RunStopped(
+                f"stopped: {self.nonfinite_in_a_row} steps in a row had a non-finite loss or gradient (each was "
+                f"skipped; last loss {result['loss']}, grad norm {result['grad_norm']}). Lower trainer.lr, check the "
+                "data, or raise run.max_nonfinite_steps", exit_code=3)
+        if self.stop_requested and self.step < run.steps:
+            path = self.checkpoint()
+            raise RunStopped(
+                f"{self.stop_requested}: stopped after step {self.step}/{run.steps}; checkpoint {path}. Resume by "
+                "running the same command again (same run.output_dir; run.resume=auto)", exit_code=143)
         if run.checkpoint_every and self.step % run.checkpoint_every == 0 and self.step < run.steps:
             self.checkpoint()
         if run.eval_every and self.step % run.eval_every == 0 and self.step < run.steps:
@@ -278,11 +335,50 @@ class Controller:
         tmp.mkdir(parents=True)
         self.trainers.call("save_checkpoint", str(tmp))
         state = {"step": self.step, "version": self.version, "stream": self.stream.state()}
+        state["fingerprint"] = fingerprint(self.recipe)
         (tmp / "controller.json").write_text(json.dumps(state))
         (tmp / "COMPLETE").write_text("ok\n")
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
+        for old in complete_checkpoints(self.run_dir)[: -self.recipe.run.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
         return final
+
+    def _resume_point(self) -> Optional[Path]:
+        """The checkpoint to continue from, checked against this recipe before anything starts."""
+        from csd_ray.schema import ConfigError
+
+        setting = self.recipe.run.resume
+        found = complete_checkpoints(self.run_dir)
+        if setting == "never":
+            if found:
+                raise ConfigError(f"{self.run_dir} already holds checkpoints ({found[-1].name}); use another "
+                                  "run.output_dir or run.resume=auto to continue it", key="run.resume")
+            return None
+        path = Path(setting) if setting != "auto" else (found[-1] if found else None)
+        if path is None:
+            return None
+        state_file = path / "controller.json"
+        if not (path / "COMPLETE").exists() or not state_file.exists():
+            raise ConfigError(f"{path} is not a complete csd_ray checkpoint (no COMPLETE marker)", key="run.resume")
+        state = json.loads(state_file.read_text())
+        theirs, mine = state.get("fingerprint", {}), fingerprint(self.recipe)
+        diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
+        if diff:
+            detail = "; ".join(f"{k}: checkpoint {a!r}, recipe {b!r}" for k, (a, b) in diff.items())
+            raise ConfigError(f"{path} belongs to an incompatible run ({detail}); use another run.output_dir or "
+                              "run.resume=PATH", key="run.resume")
+        if state["step"] > self.recipe.run.steps:
+            raise ConfigError(f"{path} is at step {state['step']}, beyond run.steps={self.recipe.run.steps}", key="run.steps")
+        return path
+
+    def _restore(self, path: Path) -> None:
+        state = json.loads((path / "controller.json").read_text())
+        versions = self.trainers.call("load_checkpoint", str(path))
+        self.step, self.version = state["step"], versions[0]
+        self.stream.load_state(state["stream"])
+        self.synced_version = -1  # the samplers still hold their initial weights
+        self.resumed_from = path
 
     def finish(self) -> Path:
         self.checkpoint()

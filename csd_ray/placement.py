@@ -53,13 +53,84 @@ def describe(recipe: Recipe) -> str:
     return "\n".join(lines)
 
 
-def unsatisfiable(recipe: Recipe, cluster: dict[str, float], autoscaling: bool) -> list[str]:
-    """Problems that mean the plan can never run on this cluster (empty list: fine)."""
-    if autoscaling:
-        return []
-    problems = []
-    for key, need in total_demand(plan(recipe)).items():
-        have = cluster.get(key, 0.0)
-        if need > have + 1e-9:
-            problems.append(f"the recipe needs {key}={need:g} in total but the cluster has {key}={have:g}")
-    return problems
+def live_node_types() -> dict[str, dict]:
+    """The connected cluster's alive nodes, each as a 'type' of which there is exactly one."""
+    import ray
+
+    return {
+        node["NodeID"][:12]: {"resources": dict(node["Resources"]), "max_workers": 1}
+        for node in ray.nodes()
+        if node.get("Alive")
+    }
+
+
+def node_types(cluster_file: str) -> dict[str, dict]:
+    """{node type: {"resources": {...}, "max_workers": n}} of a Ray cluster-launcher YAML or a
+    KubeRay RayCluster/RayJob manifest (worker groups; GPUs from nvidia.com/gpu limits)."""
+    import json
+
+    import yaml
+
+    with open(cluster_file) as f:
+        doc = yaml.safe_load(f)
+    if "available_node_types" in doc:
+        head = doc.get("head_node_type")
+        return {
+            name: {"resources": {k: float(v) for k, v in t.get("resources", {}).items()},
+                   "max_workers": 0 if name == head else t.get("max_workers", doc.get("max_workers", 0))}
+            for name, t in doc["available_node_types"].items()
+        }
+    spec = doc.get("spec", {})
+    spec = spec.get("rayClusterSpec", spec)
+    types = {}
+    for group in spec.get("workerGroupSpecs", []):
+        limits = group["template"]["spec"]["containers"][0].get("resources", {}).get("limits", {})
+        resources = {"CPU": float(str(limits.get("cpu", 0))), "GPU": float(str(limits.get("nvidia.com/gpu", 0)))}
+        custom = group.get("rayStartParams", {}).get("resources")
+        if custom:
+            resources.update({k: float(v) for k, v in json.loads(json.loads(custom)).items()})
+        types[group["groupName"]] = {"resources": resources, "max_workers": group.get("maxReplicas", 0)}
+    return types
+
+
+def nodes_needed(recipe: Recipe, types: dict[str, dict]) -> tuple[dict[str, int], list[str]]:
+    """Pack every actor's bundle onto nodes (first fit, biggest bundles first).
+
+    Returns ({node type: nodes needed}, problems); a problem is a bundle no node type can hold,
+    or more nodes of a type than its max_workers.
+    """
+    bundles = [(role.role, role.bundle()) for role in plan(recipe) for _ in range(role.replicas)]
+    bundles.sort(key=lambda rb: (-rb[1].get("GPU", 0), -rb[1].get("CPU", 0)))
+    open_nodes: list[tuple[str, dict[str, float]]] = []  # (type, free resources)
+    problems: list[str] = []
+
+    def fits(free: dict[str, float], need: dict[str, float]) -> bool:
+        return all(free.get(k, 0.0) + 1e-9 >= v for k, v in need.items())
+
+    for role, need in bundles:
+        for _, free in open_nodes:
+            if fits(free, need):
+                break
+        else:
+            candidates = [name for name, t in types.items() if fits(t["resources"], need)]
+            if not candidates:
+                problems.append(f"a {role} actor needs {need} but no node type offers that")
+                continue
+            free = dict(types[candidates[0]]["resources"])
+            open_nodes.append((candidates[0], free))
+        for k, v in need.items():
+            free[k] = free.get(k, 0.0) - v
+    counts: dict[str, int] = {}
+    for name, _ in open_nodes:
+        counts[name] = counts.get(name, 0) + 1
+    for name, count in counts.items():
+        if count > types[name]["max_workers"]:
+            problems.append(f"needs {count} '{name}' nodes but the cluster allows at most {types[name]['max_workers']}")
+    return counts, problems
+
+
+def describe_cluster_fit(recipe: Recipe, cluster_file: str) -> tuple[str, list[str]]:
+    counts, problems = nodes_needed(recipe, node_types(cluster_file))
+    needed = ", ".join(f"{n} x {name}" for name, n in counts.items()) or "nothing"
+    lines = [f"on {cluster_file}: needs {needed}"] + [f"  PROBLEM: {p}" for p in problems]
+    return "\n".join(lines), problems

@@ -51,17 +51,38 @@ def connect_ray(recipe: Recipe) -> None:
 
 
 def check_cluster(recipe: Recipe) -> None:
-    import ray
+    """Stop before any actor starts when the plan can never be placed.
 
-    from csd_ray.placement import unsatisfiable
+    Without an autoscaler the alive nodes are all there will be. With one (CSD_RAY_AUTOSCALING=1)
+    the node types of ``run.cluster`` say what it can add; without that file nothing is checked.
+    """
+    from csd_ray.placement import live_node_types, node_types, nodes_needed
 
-    autoscaling = bool(os.environ.get("CSD_RAY_AUTOSCALING"))
-    problems = unsatisfiable(recipe, ray.cluster_resources(), autoscaling)
+    if os.environ.get("CSD_RAY_AUTOSCALING"):
+        if not recipe.run.cluster:
+            return
+        types, where = node_types(recipe.run.cluster), f"the node types of {recipe.run.cluster}"
+    else:
+        types, where = live_node_types(), "this cluster's nodes (no autoscaler: set CSD_RAY_AUTOSCALING=1 if one will add nodes)"
+    _, problems = nodes_needed(recipe, types)
     if problems:
-        raise ConfigError(
-            "this cluster can never run the recipe: " + "; ".join(problems)
-            + " (set CSD_RAY_AUTOSCALING=1 if an autoscaler will add nodes)"
-        )
+        raise ConfigError(f"the recipe can never be placed on {where}: " + "; ".join(problems))
+
+
+def _stop_on_signals(controller) -> None:
+    """SIGTERM (preemption) or SIGINT: finish the current step, checkpoint, exit non-zero.
+
+    A second signal exits at once (the last complete checkpoint still stands)."""
+    import signal
+
+    def handler(signum, frame):
+        if controller.stop_requested:
+            raise KeyboardInterrupt
+        controller.stop_requested = signal.Signals(signum).name
+        print(f"\n{controller.stop_requested} received: finishing this step, then checkpointing", file=sys.stderr)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handler)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -76,12 +97,25 @@ def main(argv: Optional[list[str]] = None) -> int:
 
             print(yaml.safe_dump(to_dict(recipe), sort_keys=False), end="")
             print(describe(recipe))
+            if recipe.run.cluster:
+                from csd_ray.placement import describe_cluster_fit
+
+                text, problems = describe_cluster_fit(recipe, recipe.run.cluster)
+                print(text)
+                return 2 if problems else 0
             return 0
+        from csd_ray.controller import Controller, RunStopped
+
+        controller = Controller(recipe, log=lambda m: print(m, file=sys.stderr))
+        controller.prepare()  # data, tokenizers, model paths, checkpoint: before Ray or any actor starts
         connect_ray(recipe)
         check_cluster(recipe)
-        from csd_ray.controller import Controller
-
-        final = Controller(recipe, log=lambda m: print(m, file=sys.stderr)).run()
+        _stop_on_signals(controller)
+        try:
+            final = controller.run()
+        except RunStopped as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return exc.exit_code
         print(f"final student: {final}")
         return 0
     except USER_ERRORS as exc:

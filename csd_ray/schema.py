@@ -44,8 +44,35 @@ class Located:
         return ConfigError(message, key=key, source=self.of(key))
 
 
-def load_yaml(path: Path) -> tuple[dict, Located]:
-    """Read a recipe, recording the line of every key."""
+def deep_merge(base: dict, override: dict) -> dict:
+    """``override`` on top of ``base``: mappings merge key by key, anything else is replaced."""
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_yaml(path: Path, _seen: tuple = ()) -> tuple[dict, Located]:
+    """Read a recipe, following its ``base:`` (a recipe it extends, relative path) and recording
+    the file and line of every key."""
+    data, located = _load_one(path)
+    base = data.pop("base", None)
+    located.where.pop("base", None)
+    if base is None:
+        return data, located
+    if not isinstance(base, str):
+        raise ConfigError(f"'base' must be the path of another recipe, got {base!r}", source=str(path))
+    base_path = (path.parent / base).resolve()
+    if base_path in _seen:
+        raise ConfigError(f"recipes extend each other in a cycle: {' -> '.join(map(str, _seen + (base_path,)))}")
+    base_data, base_located = load_yaml(base_path, _seen + (path.resolve(),))
+    base_located.where.update(located.where)
+    base_located.file = located.file
+    return deep_merge(base_data, data), base_located
+
+
+def _load_one(path: Path) -> tuple[dict, Located]:
+    """Read one recipe file, recording the line of every key."""
     located = Located(str(path))
     try:
         text = path.read_text()
@@ -55,10 +82,14 @@ def load_yaml(path: Path) -> tuple[dict, Located]:
         node = yaml.compose(text)
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
+        # Point at where the broken construct starts (e.g. an unclosed '['), not at end of file.
+        problem_mark, context_mark = getattr(exc, "problem_mark", None), getattr(exc, "context_mark", None)
+        mark = context_mark or problem_mark
         line = f":{mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"invalid YAML: {problem}", source=f"{path}{line}") from None
+        detail = getattr(exc, "problem", None) or str(exc)
+        if context_mark is not None and problem_mark is not None and problem_mark.line != context_mark.line:
+            detail += f" ({exc.context} started here; the problem shows at line {problem_mark.line + 1})"
+        raise ConfigError(f"invalid YAML: {detail}", source=f"{path}{line}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -194,6 +194,20 @@ class TrainerRank:
             "time_optimizer": time.perf_counter() - t0 - t_fetch - t_fwd_bwd,
         }
 
+    def load_checkpoint(self, path: str) -> int:
+        """Restore weights, optimizer, scheduler and version from save_checkpoint's folder. Collective."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_state, optim_state = get_state_dict(self.module, self.optimizer)
+        state = {"model": model_state, "optim": optim_state}
+        dcp.load(state, checkpoint_id=path)
+        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        extra = torch.load(f"{path}/trainer_state.pt", weights_only=False)
+        self.scheduler.load_state_dict(extra["scheduler"])
+        self.version = extra["version"]
+        return self.version
+
     def save_checkpoint(self, path: str) -> None:
         """Sharded checkpoint (torch.distributed.checkpoint) of weights, optimizer and scheduler. Collective."""
         import torch.distributed.checkpoint as dcp

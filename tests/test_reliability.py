@@ -1,0 +1,149 @@
+"""Failures and resume: bad input, checkpoints, signals, non-finite steps (issue 6)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import ray
+import torch
+
+from conftest import REPO, smoke_recipe
+from csd_ray.controller import Controller, RunStopped, complete_checkpoints, fingerprint
+from csd_ray.metrics import read_metrics
+from csd_ray.run import main
+
+SMOKE = str(REPO / "recipes" / "smoke.yaml")
+
+
+def _fake_checkpoint(run_dir, step, recipe_overrides=(), complete=True):
+    path = run_dir / "checkpoints" / f"step_{step:06d}"
+    path.mkdir(parents=True)
+    recipe = smoke_recipe(run_dir, *recipe_overrides)
+    (path / "controller.json").write_text(json.dumps({"step": step, "version": step, "stream": {"epoch": 0, "cursor": 0},
+                                                      "fingerprint": fingerprint(recipe)}))
+    if complete:
+        (path / "COMPLETE").write_text("ok\n")
+    return path
+
+
+@pytest.fixture
+def files(tmp_path):
+    """Bad inputs a user might hand us, made on disk."""
+    (tmp_path / "broken.yaml").write_text("run:\n  steps: [2\n")
+    (tmp_path / "bad.jsonl").write_text('{"question": "a"}\n{"question": "b",}\n')
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "long.jsonl").write_text(json.dumps({"question": "word " * 400}) + "\n")
+    (tmp_path / "noprompt.jsonl").write_text(json.dumps({"text": "hi"}) + "\n")
+    from csd_ray.config import ModelConfig
+    from csd_ray.models import load_tokenizer
+
+    tok = load_tokenizer(ModelConfig())
+    tok.add_tokens(["<other>"])
+    tok.save_pretrained(tmp_path / "other_tokenizer")
+    _fake_checkpoint(tmp_path / "other_run", 2, ["student_model.tiny.seed=9"])
+    _fake_checkpoint(tmp_path / "finished_run", 2)
+    (tmp_path / "not_a_checkpoint").mkdir()
+    return tmp_path
+
+
+BAD_INPUTS = [
+    # (name, recipe, overrides, key words in the one-line message)
+    ("malformed yaml", "{d}/broken.yaml", [], ["broken.yaml:2", "invalid YAML"]),
+    ("missing recipe", "{d}/nope.yaml", [], ["recipe file not found"]),
+    ("unknown key", SMOKE, ["trainer.learning_rate=1"], ["unknown key 'learning_rate'"]),
+    ("mistyped value", SMOKE, ["run.steps=many"], ["run.steps", "expected an integer, got 'many'"]),
+    ("unknown loss", SMOKE, ["trainer.loss.name=klx"], ["unknown loss 'klx'"]),
+    ("bad override", SMOKE, ["run.steps"], ["must look like key.path=value"]),
+    ("missing model path", SMOKE, ["student_model.path=./models/missing"], ["model path not found: ./models/missing"]),
+    ("tokenizer mismatch", SMOKE, ["teacher_model.tokenizer={d}/other_tokenizer"], ["tokenizer mismatch", "49153"]),
+    ("malformed data line", SMOKE, ["data.source={d}/bad.jsonl"], ["bad.jsonl:2: malformed JSON line"]),
+    ("empty data", SMOKE, ["data.source={d}/empty.jsonl"], ["the dataset is empty"]),
+    ("prompts all too long", SMOKE, ["data.source={d}/long.jsonl"], ["all 1 prompts are longer than data.max_prompt_tokens"]),
+    ("missing prompt field", SMOKE, ["data.source={d}/noprompt.jsonl"], ["no field 'question'", "fields: text"]),
+    ("incompatible checkpoint", SMOKE, ["run.output_dir={d}/other_run"], ["incompatible run", "tiny"]),
+    ("resume=never over checkpoints", SMOKE, ["run.output_dir={d}/finished_run", "run.resume=never"], ["already holds checkpoints"]),
+    ("resume path not a checkpoint", SMOKE, ["run.resume={d}/not_a_checkpoint"], ["not a complete csd_ray checkpoint"]),
+]
+
+
+@pytest.mark.parametrize("name, recipe, overrides, words", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_gets_one_clear_message_and_exit_code_2(files, capsys, name, recipe, overrides, words):
+    d = str(files)
+    code = main([recipe.format(d=d), *(o.format(d=d) for o in overrides), f"run.output_dir={d}/out"]
+                if not any(o.startswith("run.output_dir") for o in overrides)
+                else [recipe.format(d=d), *(o.format(d=d) for o in overrides)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    message = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(message) == 1 and "Traceback" not in err, err
+    for word in words:
+        assert word in message[0], (word, message[0])
+    assert not ray.is_initialized()  # nothing started
+
+
+def test_debug_flag_shows_the_traceback(files):
+    with pytest.raises(Exception, match="data file not found"):
+        main([SMOKE, f"data.source={files}/nothing.jsonl", "--debug"])
+
+
+def test_half_written_checkpoints_are_ignored_in_favour_of_the_last_complete_one(tmp_path):
+    _fake_checkpoint(tmp_path, 2)
+    _fake_checkpoint(tmp_path, 4)
+    _fake_checkpoint(tmp_path, 6, complete=False)  # crashed after the rename? never: no COMPLETE, not used
+    (tmp_path / "checkpoints" / ".tmp-step_000008").mkdir()  # crashed mid-write
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_000002", "step_000004"]
+    controller = Controller(smoke_recipe(tmp_path, "run.steps=6"), log=lambda m: None)
+    assert controller._resume_point().name == "step_000004"
+
+
+def test_nonfinite_losses_are_skipped_counted_and_stop_the_run(ray_session, tmp_path):
+    # An absurd learning rate turns the weights to inf after the first update; every later loss is NaN.
+    recipe = smoke_recipe(tmp_path, "trainer.lr=1e30", "trainer.grad_clip=0", "run.steps=6", "run.max_nonfinite_steps=2")
+    with pytest.raises(RunStopped, match="2 steps in a row had a non-finite loss") as stop:
+        Controller(recipe, log=lambda m: None).run()
+    assert stop.value.exit_code == 3
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["skipped_nonfinite"] for r in records] == [False, True, True]
+    assert [r["weight_version"] for r in records] == [1, 1, 1]  # skipped steps change nothing
+
+
+def _final_weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(path / "final" / "model.safetensors")
+
+
+def test_sigterm_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path):
+    common = [sys.executable, "-m", "csd_ray.run", SMOKE, "run.steps=4", "data.eval_size=0"]
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    straight = subprocess.run(common + [f"run.output_dir={tmp_path / 'straight'}"], env=env, capture_output=True,
+                              text=True, timeout=300)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+
+    run_dir = tmp_path / "interrupted"
+    proc = subprocess.Popen(common + [f"run.output_dir={run_dir}"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (run_dir / "metrics.jsonl").exists():
+        time.sleep(0.2)
+    assert (run_dir / "metrics.jsonl").exists(), "the run never started a step"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 143, err[-2000:]
+    assert "Resume by running the same command again" in err
+    stopped_at = len(read_metrics(run_dir / "metrics.jsonl"))
+    assert 1 <= stopped_at < 4 and [p.name for p in complete_checkpoints(run_dir)][-1] == f"step_{stopped_at:06d}"
+
+    resumed = subprocess.run(common + [f"run.output_dir={run_dir}"], env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed from {run_dir / 'checkpoints' / f'step_{stopped_at:06d}'}" in resumed.stderr
+    steps = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")]
+    assert steps == [1, 2, 3, 4]  # every step once, none repeated
+    a, b = _final_weights(tmp_path / "straight"), _final_weights(run_dir)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6, rtol=0), key
