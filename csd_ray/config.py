@@ -328,6 +328,10 @@ class RunConfig:
     resume: str = "auto"
     """'auto': continue from the newest complete checkpoint in output_dir, if any; 'never': start
     fresh (refused if output_dir holds checkpoints); or the path of a checkpoint folder."""
+    max_actor_restarts: int = 3
+    """Failures survived per role (sampler, teacher, trainer) before the run stops: a dead sampler
+    or teacher is restarted and its lost work redone; a dead trainer rank rebuilds the group
+    from the last checkpoint."""
     max_nonfinite_steps: int = 3
     """Stop after this many consecutive steps whose loss or gradient was NaN/inf (each is skipped)."""
     eval_every: int = 0

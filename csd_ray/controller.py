@@ -78,6 +78,11 @@ class PlannedStep:
     groups: list[Group]
     max_new_tokens: int
     replayed: bool = False
+    stream_before: Optional[dict] = None
+    """Prompt-stream position before this step drew its prompts (to redo lost work exactly)."""
+
+
+
 
 
 class Controller:
@@ -94,6 +99,8 @@ class Controller:
         self.teachers: list = []
         self.trainers: Optional[TrainerGroup] = None
         self.stop_requested: Optional[str] = None  # set by a signal handler: stop after this step
+        self.failures = {"sampler": 0, "teacher": 0, "trainer": 0}
+        self.attempt = 0  # bumps on every recovery, so redone work gets new rollout ids
         self.nonfinite_in_a_row = 0
         self.resumed_from: Optional[Path] = None
 
@@ -156,6 +163,7 @@ class Controller:
             remote.options(
                 num_cpus=role.placement.num_cpus, num_gpus=role.placement.num_gpus,
                 resources=dict(role.placement.resources), runtime_env={"env_vars": ACTOR_ENV},
+                max_restarts=self.recipe.run.max_actor_restarts, max_task_retries=0,
             ).remote(self.recipe, i)
             for i in range(role.replicas)
         ]
@@ -187,14 +195,97 @@ class Controller:
 
     def train(self) -> None:
         run = self.recipe.run
-        pending: deque[PlannedStep] = deque()
-        next_launch = self.step
         self._last_step_end = time.perf_counter()
         while self.step < run.steps:
-            while next_launch < run.steps and self._may_launch(next_launch):
-                pending.append(self._launch(next_launch))
-                next_launch += 1
-            self._step(pending.popleft())
+            pending: deque[PlannedStep] = deque()
+            next_launch = self.step
+            next_prompts = self.stream.state()  # where the next untrained step's prompts begin
+            try:
+                while self.step < run.steps:
+                    while next_launch < run.steps and self._may_launch(next_launch):
+                        pending.append(self._launch(next_launch))
+                        next_launch += 1
+                    self._step(pending.popleft())
+                    next_prompts = pending[0].stream_before if pending else self.stream.state()
+            except ray.exceptions.RayError as exc:
+                self._recover(exc, next_prompts)  # in-flight work is dropped; relaunched from self.step
+
+    # ---- failures ------------------------------------------------------------------------------
+    def _known_pids(self) -> set[int]:
+        return {a["pid"] for role in ("sampler", "teacher") for a in self.actor_info[role]}
+
+    def _count_failures(self, dead: dict[str, str], cause: str) -> None:
+        for role in dead:
+            self.failures[role] += 1
+            if self.failures[role] > self.recipe.run.max_actor_restarts:
+                raise RunStopped(f"the {role} failed {self.failures[role]} times (run.max_actor_restarts="
+                                 f"{self.recipe.run.max_actor_restarts}); last error: {cause}", exit_code=4)
+
+    def _note_restarts(self) -> None:
+        """Actors that died and came back between tasks, losing nothing: count and log them."""
+        dead = self._failed_roles()
+        self._count_failures(dead, "; ".join(dead.values()))
+        if dead:
+            self.metrics.log({"kind": "restart", "step": self.step, "roles": sorted(dead), "cause": "; ".join(dead.values())})
+            if "sampler" in dead:
+                self.synced_version = -1  # it lost its weights
+
+    def _recover(self, exc: Exception, next_prompts: dict) -> None:
+        """An actor died: restart what can be restarted and rewind to redo what was lost."""
+        dead = self._failed_roles()
+        if not dead:
+            raise exc  # not an actor failure: a real error, shown as is
+        self._count_failures(dead, _first_line(exc))
+        self.attempt += 1
+        if "trainer" in dead:
+            self._rebuild_trainers(dead["trainer"])
+        else:
+            self.stream.load_state(next_prompts)  # the lost steps draw the same prompts again
+            self.metrics.log({"kind": "restart", "step": self.step, "roles": sorted(dead), "cause": _first_line(exc)})
+            self.metrics.message(f"restarted {', '.join(sorted(dead))} after: {_first_line(exc)}; redoing step {self.step + 1}")
+        self.synced_version = -1
+        if self.samplers:
+            self._sync(block=True)  # restarted samplers start from their initial weights
+
+    def _failed_roles(self) -> dict[str, str]:
+        """Roles with an actor that died since start (a restarted actor answers with a new pid)."""
+        dead: dict[str, str] = {}
+        for role, actors in (("sampler", self.samplers), ("teacher", self.teachers)):
+            for actor, before in zip(actors, self.actor_info[role]):
+                try:
+                    now = _ping(actor, timeout=600)
+                except ray.exceptions.RayError as err:  # out of restarts
+                    dead[role] = _first_line(err)
+                    continue
+                if now["pid"] != before["pid"]:
+                    dead[role] = f"pid {before['pid']} died, restarted as pid {now['pid']}"
+                    before.update(now)
+        for rank, actor in enumerate(self.trainers.ranks):
+            try:
+                ray.get(actor.ready.remote(), timeout=60)
+            except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as err:
+                dead["trainer"] = f"rank {rank}: {_first_line(err)}"
+        if dead:
+            (self.run_dir / "actors.json").write_text(json.dumps(self.actor_info, indent=1))
+        return dead
+
+    def _rebuild_trainers(self, cause: str) -> None:
+        """A rank died: a new group, restored from the last complete checkpoint (or the start)."""
+        r = self.recipe
+        self.trainers.shutdown()
+        self.trainers = TrainerGroup(r, {role.role: role for role in plan(r)}["trainer"], ACTOR_ENV)
+        self.actor_info["trainer"] = self.trainers.info()
+        (self.run_dir / "actors.json").write_text(json.dumps(self.actor_info, indent=1))
+        if r.teacher.payload == "hidden":
+            self.trainers.call("set_teacher_lm_head", self.teachers[0].lm_head.remote())
+        found = complete_checkpoints(self.run_dir)
+        if found:
+            self._restore(found[-1])
+        else:
+            self.step, self.version = 0, 0
+            self.stream.load_state({"epoch": 0, "cursor": 0})
+        self.metrics.log({"kind": "rollback", "step": self.step, "roles": ["trainer"], "cause": cause})
+        self.metrics.message(f"trainer group rebuilt after: {cause}; continuing from step {self.step}")
 
     def _may_launch(self, index: int) -> bool:
         """Whether step ``index``'s responses can be produced now.
@@ -217,15 +308,15 @@ class Controller:
         t0 = time.perf_counter()
         version_before = self.version
         stage = self.recipe.stage_at(planned.index)
+        allowed = run.max_staleness if run.mode == "async" else run.weight_sync_every - 1
         results = self.trainers.call("train_step", [(g.rollouts, g.teacher, g.loss_weight) for g in planned.groups],
-                                     to_dict(stage.loss), stage.lr)
+                                     to_dict(stage.loss), stage.lr, None if planned.replayed else version_before - allowed)
         result = results[0]
         t_train = time.perf_counter() - t0
         self.version = result["version"]
         staleness = version_before - result["rollout_version"] if result["rollout_version"] is not None else 0
-        allowed = run.max_staleness if run.mode == "async" else run.weight_sync_every - 1
-        if staleness > allowed and not planned.replayed:
-            raise RuntimeError(f"step {planned.index}: trained a rollout {staleness} versions old (allowed {allowed})")
+        if set(result["worker_pids"]) - self._known_pids():  # an actor restarted between tasks, losing nothing
+            self._note_restarts()
         if self.recipe.batch.replay.capacity and not planned.replayed:
             self.replay.append(planned)
         if run.mode == "async":  # keep the sampler as fresh as the staleness bound requires
@@ -271,15 +362,17 @@ class Controller:
         rng = random.Random(r.run.seed * 7919 + index)
         stage = r.stage_at(index)
         max_new = self._max_new_tokens(index, stage.max_new_tokens)
+        stream_before = self.stream.state()
         if self.replay and rng.random() < r.batch.replay.probability:
             old = rng.choice(list(self.replay))
-            return PlannedStep(index, old.groups, old.max_new_tokens, replayed=True)
+            return PlannedStep(index, old.groups, old.max_new_tokens, replayed=True, stream_before=stream_before)
         if stage.source_mode == "all":
             sources = list(stage.sources)
         else:
             sources = [rng.choices(stage.sources, weights=[s.probability for s in stage.sources])[0]]
-        groups = [self._launch_source(src, index, max_new, index * 16 + k) for k, src in enumerate(sources)]
-        return PlannedStep(index, groups, max_new)
+        groups = [self._launch_source(src, index, max_new, self.attempt * 1_000_000 + index * 16 + k)
+                  for k, src in enumerate(sources)]
+        return PlannedStep(index, groups, max_new, stream_before=stream_before)
 
     def _max_new_tokens(self, index: int, limit: int) -> int:
         cur = self.recipe.batch.curriculum
@@ -401,6 +494,23 @@ class Controller:
             self.trainers.shutdown()
         for actor in self.samplers + self.teachers:
             ray.kill(actor)
+
+
+def _ping(actor, timeout: float) -> dict:
+    """The actor's ready() answer, waiting out a restart in progress (calls fail meanwhile)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return ray.get(actor.ready.remote(), timeout=max(1.0, deadline - time.monotonic()))
+        except ray.exceptions.ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def _first_line(exc: Exception) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0][:300] if lines else type(exc).__name__
 
 
 def _shards(actors: list, n: int):

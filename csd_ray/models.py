@@ -99,6 +99,8 @@ def gguf_folder(gguf_path: Path, name: Optional[str] = None, expected_sha256: Op
             plain.save_pretrained(out)
 
     stem = name or gguf_path.stem
+    if not with_model and (cache_dir() / stem / ".complete").exists():
+        return cache_dir() / stem  # the full folder holds the tokenizer too
     return _materialise(f"{stem}{'' if with_model else '-tokenizer'}", build)
 
 

@@ -40,6 +40,8 @@ class Rollout:
     """Unique id given by the controller (replay, accounting)."""
     seconds: float = 0.0
     """Time the sampler spent producing it."""
+    worker_pid: int = 0
+    """Process that produced it (the controller notices restarted actors by new pids)."""
 
     @property
     def num_sequences(self) -> int:
@@ -59,7 +61,7 @@ class Rollout:
         return Rollout(
             cut(self.input_ids), cut(self.attention_mask), cut(self.response_mask), cut(self.sampled_logprobs),
             cut(self.student_topk_ids), self.weight_version, self.source, self.loss_weight,
-            self.prompt_indices[start:stop], self.rollout_id, self.seconds,
+            self.prompt_indices[start:stop], self.rollout_id, self.seconds, self.worker_pid,
         )
 
 
@@ -86,7 +88,7 @@ def concat_rollouts(parts: list[Rollout]) -> Rollout:
         None if first.sampled_logprobs is None else torch.cat([pad(p, p.sampled_logprobs, 0.0) for p in parts]),
         None if first.student_topk_ids is None else torch.cat([pad(p, p.student_topk_ids, -1) for p in parts]),
         min(p.weight_version for p in parts), first.source, first.loss_weight,
-        sum((p.prompt_indices for p in parts), []), first.rollout_id, max(p.seconds for p in parts),
+        sum((p.prompt_indices for p in parts), []), first.rollout_id, max(p.seconds for p in parts), first.worker_pid,
     )
 
 
@@ -126,14 +128,17 @@ class TeacherOutput:
     """[B+1] row offsets of each sequence."""
     seconds: float = 0.0
     """Time the teacher spent scoring."""
+    worker_pid: int = 0
+    """Process that scored it."""
 
     def select(self, start: int, stop: int) -> "TeacherOutput":
         lo, hi = int(self.offsets[start]), int(self.offsets[stop])
         rows = {k: v[lo:hi] for k, v in self.rows.items()}
-        return TeacherOutput(self.payload, rows, self.offsets[start : stop + 1] - lo, self.seconds)
+        return TeacherOutput(self.payload, rows, self.offsets[start : stop + 1] - lo, self.seconds, self.worker_pid)
 
     def to(self, device: torch.device) -> "TeacherOutput":
-        return TeacherOutput(self.payload, {k: v.to(device) for k, v in self.rows.items()}, self.offsets, self.seconds)
+        return TeacherOutput(self.payload, {k: v.to(device) for k, v in self.rows.items()}, self.offsets, self.seconds,
+                             self.worker_pid)
 
     def signal(self, teacher_lm_head: Optional[torch.Tensor] = None) -> TeacherSignal:
         if self.payload == "logits":

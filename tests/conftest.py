@@ -57,7 +57,10 @@ class LocalCluster:
         self.temp_dir = tempfile.mkdtemp(prefix="csdray", dir="/tmp")  # short: unix socket paths
         self.gcs_port = free_port()
         self.dashboard_port = free_port()
-        self.env = {**os.environ, "RAY_ADDRESS": ""}
+        # Like a user's shell: no RAY_ADDRESS, and none of pytest's variables (Ray switches on
+        # test-only behaviour when it sees PYTEST_CURRENT_TEST).
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+        self.env["RAY_ADDRESS"] = ""
 
     def _ray(self, *args: str, timeout: int = 120):
         import subprocess
@@ -66,26 +69,39 @@ class LocalCluster:
         ray_cli = str(Path(sys.executable).parent / "ray")
         return subprocess.run([ray_cli, *args], env=self.env, capture_output=True, text=True, timeout=timeout)
 
-    def start_head(self, num_cpus: float = 2, resources: str = "") -> None:
+    def start_head(self, num_cpus: int = 2) -> None:
         args = ["start", "--head", "--node-ip-address=127.0.0.1", f"--port={self.gcs_port}",
                 "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}", "--include-dashboard=true",
                 f"--num-cpus={num_cpus}", f"--temp-dir={self.temp_dir}", "--disable-usage-stats"]
-        if resources:
-            args.append(f"--resources={resources}")
         proc = self._ray(*args)
         assert proc.returncode == 0, proc.stdout + proc.stderr
+        self._wait_for_job_agent()
 
-    def add_node(self, num_cpus: float = 1, resources: str = "") -> None:
-        args = ["start", f"--address=127.0.0.1:{self.gcs_port}", "--node-ip-address=127.0.0.1",
-                f"--num-cpus={num_cpus}", "--disable-usage-stats"]
-        if resources:
-            args.append(f"--resources={resources}")
-        proc = self._ray(*args)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
+    def _wait_for_job_agent(self, timeout: float = 90) -> None:
+        """`ray start` returns before the dashboard agent that runs jobs has registered."""
+        import time
+
+        log = Path(self.temp_dir) / "session_latest" / "logs" / "dashboard_agent.log"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if log.exists() and "Registered" in log.read_text(errors="replace"):
+                return
+            time.sleep(0.5)
+        logs = log.parent
+        detail = sorted(p.name for p in logs.glob("*agent*")) if logs.exists() else f"no {logs}"
+        raise AssertionError(f"the Ray dashboard agent did not come up within {timeout} s ({log}; {detail})")
 
     def submit(self, *entrypoint: str, working_dir: str, timeout: int = 600):
-        return self._ray("job", "submit", f"--address=http://127.0.0.1:{self.dashboard_port}",
-                         f"--working-dir={working_dir}", "--", *entrypoint, timeout=timeout)
+        import time
+
+        deadline = time.monotonic() + 60
+        while True:
+            proc = self._ray("job", "submit", f"--address=http://127.0.0.1:{self.dashboard_port}",
+                             f"--working-dir={working_dir}", "--", *entrypoint, timeout=timeout)
+            # Right after `ray start` the job agent may not be up yet; Ray says to try again.
+            if "No available agent to submit job" not in proc.stdout + proc.stderr or time.monotonic() > deadline:
+                return proc
+            time.sleep(2)
 
     def stop(self) -> None:
         import shutil

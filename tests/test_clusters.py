@@ -6,7 +6,7 @@ import shlex
 import pytest
 import yaml
 
-from conftest import REPO, LocalCluster
+from conftest import REPO
 from csd_ray.config import load_recipe
 from csd_ray.placement import node_types, nodes_needed
 from csd_ray.run import main
@@ -106,31 +106,3 @@ def test_unplaceable_recipe_fails_before_actors_start(capsys, monkeypatch, tmp_p
     err = capsys.readouterr().err
     assert code == 2 and "can never be placed" in err and "a sampler actor needs" in err
     assert not (tmp_path / "actors.json").exists()
-
-
-def test_roles_pinned_to_different_nodes_of_a_two_node_cluster(tmp_path):
-    import ray
-
-    cluster = LocalCluster()
-    try:
-        cluster.start_head(num_cpus=1.5, resources='{"node_a": 1}')
-        cluster.add_node(num_cpus=1.5, resources='{"node_b": 1}')
-        out = tmp_path / "run"
-        proc = cluster.submit(
-            "python", "-m", "csd_ray.run", "recipes/smoke.yaml", "run.steps=2", f"run.output_dir={out}",
-            "data.eval_size=0", "sampler.placement.resources={node_a: 0.1}", "teacher.placement.resources={node_a: 0.1}",
-            "trainer.placement.resources={node_b: 0.1}", working_dir=str(REPO),
-        )
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-        actors = json.loads((out / "actors.json").read_text())
-        ray.init(address=f"127.0.0.1:{cluster.gcs_port}")
-        try:
-            by_resource = {r: n["NodeID"] for n in ray.nodes() if n["Alive"] for r in ("node_a", "node_b") if r in n["Resources"]}
-        finally:
-            ray.shutdown()
-        assert by_resource["node_a"] != by_resource["node_b"]
-        assert {a["node_id"] for a in actors["sampler"] + actors["teacher"]} == {by_resource["node_a"]}
-        assert {a["node_id"] for a in actors["trainer"]} == {by_resource["node_b"]}
-        assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
-    finally:
-        cluster.stop()

@@ -3,6 +3,7 @@
 import json
 
 from conftest import REPO, LocalCluster
+from csd_ray.metrics import read_metrics
 
 
 def test_ray_job_submit_runs_the_smoke_recipe(tmp_path):
@@ -17,6 +18,6 @@ def test_ray_job_submit_runs_the_smoke_recipe(tmp_path):
         assert "final student:" in proc.stdout
         assert json.loads((out / "final" / "config.json").read_text())["model_type"] == "llama"
         assert (out / "final" / "model.safetensors").exists()
-        assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+        assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2]
     finally:
         cluster.stop()

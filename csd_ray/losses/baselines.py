@@ -46,11 +46,6 @@ class _DivergenceLoss(DistillationLoss):
     def _log_probs(self, z, t, valid):
         return masked_log_softmax(t, valid, self.temperature), masked_log_softmax(z, valid, self.temperature)
 
-    def _check_open_unit(self, key: str) -> None:
-        value = getattr(self, key)
-        if not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
-            raise LossConfigError(f"{self.name}: '{key}' must be in (0, 1), got {value!r}")
-
 
 @register_loss("fkl")
 class ForwardKL(_DivergenceLoss):
@@ -91,15 +86,18 @@ class GeneralizedJSD(_DivergenceLoss):
         return self.beta * kl(log_p, log_m, valid) + (1.0 - self.beta) * kl(log_q, log_m, valid)
 
 
-@register_loss("sfkl")
-class SkewForwardKL(_DivergenceLoss):
-    """DistiLLM's skew KL: KL(p || λ p + (1−λ) q)."""
-
+class _SkewedLoss(_DivergenceLoss):
     params = {"temperature": 1.0, "skew": 0.1}
 
     def validate(self) -> None:
         super().validate()
-        self._check_open_unit("skew")
+        if not isinstance(self.skew, (int, float)) or not 0.0 < self.skew < 1.0:
+            raise LossConfigError(f"{self.name}: 'skew' must be in (0, 1), got {self.skew!r}")
+
+
+@register_loss("sfkl")
+class SkewForwardKL(_SkewedLoss):
+    """DistiLLM's skew KL: KL(p || λ p + (1−λ) q)."""
 
     def token_loss(self, z, t, valid):
         log_p, log_q = self._log_probs(z, t, valid)
@@ -107,14 +105,8 @@ class SkewForwardKL(_DivergenceLoss):
 
 
 @register_loss("srkl")
-class SkewReverseKL(_DivergenceLoss):
+class SkewReverseKL(_SkewedLoss):
     """DistiLLM's skew reverse KL: KL(q || λ q + (1−λ) p)."""
-
-    params = {"temperature": 1.0, "skew": 0.1}
-
-    def validate(self) -> None:
-        super().validate()
-        self._check_open_unit("skew")
 
     def token_loss(self, z, t, valid):
         log_p, log_q = self._log_probs(z, t, valid)

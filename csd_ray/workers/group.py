@@ -37,8 +37,16 @@ class TrainerGroup:
         return ray.get([r.ready.remote() for r in self.ranks])
 
     def call(self, method: str, *args: Any) -> list:
-        """Run a method on every rank (collectives need all of them); block for the results."""
-        return ray.get([getattr(r, method).remote(*args) for r in self.ranks])
+        """Run a method on every rank (collectives need all of them); block for the results.
+
+        Fails fast: the first rank to fail raises at once, instead of waiting on ranks that may
+        be stuck in a collective with it."""
+        refs = [getattr(r, method).remote(*args) for r in self.ranks]
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            ray.get(done)  # raises the rank's error
+        return ray.get(refs)
 
     def call_async(self, method: str, *args: Any) -> list:
         return [getattr(r, method).remote(*args) for r in self.ranks]

@@ -17,6 +17,13 @@ def configure_process(threads: int) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def actor_info(**extra) -> dict:
+    """pid and Ray node of the calling actor (actors.json; restarts show as new pids)."""
+    import ray
+
+    return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(), **extra}
+
+
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)

@@ -10,7 +10,7 @@ import torch
 from csd_ray.config import Recipe
 from csd_ray.models import load_model, load_tokenizer
 from csd_ray.rollout import Rollout
-from csd_ray.workers.hf_generate import configure_process, forward_hidden, hf_generate, response_logprobs
+from csd_ray.workers.hf_generate import actor_info, configure_process, forward_hidden, hf_generate, response_logprobs
 
 
 class HFSampler:
@@ -24,9 +24,7 @@ class HFSampler:
         self.version = 0
 
     def ready(self) -> dict:
-        import ray
-
-        return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(), "replica": self.replica}
+        return actor_info(replica=self.replica)
 
     def generate(self, prompts: list[list[int]], prompt_indices: list[int], max_new_tokens: int, seed: int,
                  greedy: bool = False) -> Rollout:
@@ -39,7 +37,7 @@ class HFSampler:
         )
         rollout.weight_version = self.version
         rollout.prompt_indices = list(prompt_indices)
-        rollout.seconds = time.perf_counter() - t0
+        rollout.seconds, rollout.worker_pid = time.perf_counter() - t0, os.getpid()
         return rollout
 
     def receive_weights(self, state_dict: dict, version: int) -> int:

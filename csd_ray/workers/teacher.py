@@ -11,7 +11,7 @@ from csd_ray.config import Recipe
 from csd_ray.losses import topk_from_logits
 from csd_ray.models import load_model, load_tokenizer
 from csd_ray.rollout import Rollout, TeacherOutput, row_offsets
-from csd_ray.workers.hf_generate import configure_process, forward_hidden, hf_generate, response_logprobs
+from csd_ray.workers.hf_generate import actor_info, configure_process, forward_hidden, hf_generate, response_logprobs
 
 
 class HFTeacher:
@@ -24,9 +24,7 @@ class HFTeacher:
         self.model = load_model(recipe.teacher_model, self.tokenizer)
 
     def ready(self) -> dict:
-        import ray
-
-        return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(), "replica": self.replica}
+        return actor_info(replica=self.replica)
 
     def lm_head(self) -> torch.Tensor:
         """The teacher's output projection, held by trainers for the 'hidden' payload."""
@@ -38,7 +36,7 @@ class HFTeacher:
     def score(self, rollout: Rollout) -> TeacherOutput:
         t0 = time.perf_counter()
         output = self._score(rollout)
-        output.seconds = time.perf_counter() - t0
+        output.seconds, output.worker_pid = time.perf_counter() - t0, os.getpid()
         return output
 
     @torch.no_grad()
@@ -68,7 +66,7 @@ class HFTeacher:
         rollout.prompt_indices = list(prompt_indices)
         rollout.sampled_logprobs = None  # teacher log-probs are not the student's
         rollout.source = "teacher"
-        rollout.seconds = time.perf_counter() - t0
+        rollout.seconds, rollout.worker_pid = time.perf_counter() - t0, os.getpid()
         return rollout
 
     def token_logprobs(self, rollout: Rollout) -> torch.Tensor:

@@ -22,7 +22,11 @@ from csd_ray.config import Recipe
 from csd_ray.losses import get_loss
 from csd_ray.models import decoder_layers, load_model, load_tokenizer, position_ids
 from csd_ray.rollout import Rollout, TeacherOutput, concat_rollouts
-from csd_ray.workers.hf_generate import configure_process
+from csd_ray.workers.hf_generate import actor_info, configure_process
+
+
+class StaleRollout(RuntimeError):
+    """A rollout older than the staleness bound reached the trainer (its sampler restarted)."""
 
 
 class StudentLoss(torch.nn.Module):
@@ -86,9 +90,7 @@ class TrainerRank:
         return host, free_port(host)
 
     def ready(self) -> dict:
-        import ray
-
-        return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(), "rank": self.rank}
+        return actor_info(rank=self.rank)
 
     def init_group(self, master_addr: str, master_port: int) -> None:
         from torch.distributed.fsdp import fully_shard
@@ -139,8 +141,11 @@ class TrainerRank:
             self.scheduler.base_lrs = [lr for _ in self.scheduler.base_lrs]
 
     def train_step(self, groups: list[tuple[list, list, float]], loss: Optional[dict] = None,
-                   lr: Optional[float] = None) -> dict:
-        """One optimizer step over every group (source) of a step: (rollout refs, teacher refs, loss weight)."""
+                   lr: Optional[float] = None, min_rollout_version: Optional[int] = None) -> dict:
+        """One optimizer step over every group (source) of a step: (rollout refs, teacher refs, loss weight).
+
+        Student rollouts older than ``min_rollout_version`` are refused before any gradient is
+        computed (a sampler that restarted samples with its initial weights)."""
         import ray
 
         self._use(loss, lr)
@@ -148,6 +153,9 @@ class TrainerRank:
         batches = []
         for rollout_refs, teacher_refs, loss_weight in groups:
             rollout = concat_rollouts(ray.get(list(rollout_refs)))
+            if min_rollout_version is not None and rollout.source == "student" and rollout.weight_version < min_rollout_version:
+                raise StaleRollout(f"rollout sampled with weights v{rollout.weight_version} by pid {rollout.worker_pid}, "
+                                   f"older than the allowed v{min_rollout_version}")
             rollout.loss_weight = loss_weight
             batches.append((rollout, concat_teacher_outputs(ray.get(list(teacher_refs)))))
         t_fetch = time.perf_counter() - t0
@@ -189,6 +197,7 @@ class TrainerRank:
                 if sampled else None
             ),
             "payload_bytes": sum(t.nbytes() for _, t in batches),
+            "worker_pids": sorted({r.worker_pid for r, _ in batches} | {t.worker_pid for _, t in batches} - {0}),
             "time_sample": max(r.seconds for r, _ in batches), "time_score": max(t.seconds for _, t in batches),
             "time_fetch": t_fetch, "time_forward_backward": t_fwd_bwd,
             "time_optimizer": time.perf_counter() - t0 - t_fetch - t_fwd_bwd,

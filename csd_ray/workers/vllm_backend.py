@@ -23,7 +23,7 @@ import torch
 from csd_ray.config import Recipe
 from csd_ray.models import load_tokenizer, model_folder
 from csd_ray.rollout import Rollout, TeacherOutput, row_offsets
-from csd_ray.workers.hf_generate import left_pad
+from csd_ray.workers.hf_generate import actor_info, left_pad
 
 CPU_ENV = {
     "TORCH_COMPILE_DISABLE": "1",
@@ -149,9 +149,7 @@ class VLLMSampler:
         self.version = 0
 
     def ready(self) -> dict:
-        import ray
-
-        return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(), "replica": self.replica}
+        return actor_info(replica=self.replica)
 
     def generate(self, prompts: list[list[int]], prompt_indices: list[int], max_new_tokens: int, seed: int,
                  greedy: bool = False) -> Rollout:
@@ -159,6 +157,7 @@ class VLLMSampler:
         rollout = vllm_generate(self.llm, self.tokenizer, prompts, max_new_tokens=max_new_tokens, seed=seed,
                                 temperature=cfg.temperature, top_p=cfg.top_p, greedy=greedy, student_topk=cfg.student_topk)
         rollout.weight_version, rollout.prompt_indices = self.version, list(prompt_indices)
+        rollout.worker_pid = os.getpid()
         return rollout
 
     def token_logprobs(self, rollout: Rollout) -> torch.Tensor:
@@ -231,13 +230,14 @@ class VLLMTeacher:
                 logprobs[row, : len(entries)] = torch.tensor([e[1] for e in entries])
                 row += 1
         return TeacherOutput("topk", {"ids": ids, "logprobs": logprobs}, row_offsets(target),
-                             seconds=time.perf_counter() - t0)
+                             seconds=time.perf_counter() - t0, worker_pid=os.getpid())
 
     def generate(self, prompts: list[list[int]], prompt_indices: list[int], max_new_tokens: int, seed: int,
                  greedy: bool = False, temperature: float = 1.0) -> Rollout:
         rollout = vllm_generate(self.llm, self.tokenizer, prompts, max_new_tokens=max_new_tokens, seed=seed,
                                 temperature=temperature, top_p=1.0, greedy=greedy, student_topk=0)
         rollout.sampled_logprobs, rollout.source, rollout.prompt_indices = None, "teacher", list(prompt_indices)
+        rollout.worker_pid = os.getpid()
         return rollout
 
     def token_logprobs(self, rollout: Rollout) -> torch.Tensor:
