@@ -70,9 +70,14 @@ class LocalCluster:
         return subprocess.run([ray_cli, *args], env=self.env, capture_output=True, text=True, timeout=timeout)
 
     def start_head(self, num_cpus: int = 2) -> None:
+        # Every port chosen free: the agents' defaults (e.g. 52365) may still be held by a Ray
+        # another test just shut down, and an agent that cannot bind never registers.
+        ports = {flag: free_port() for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                "metrics-export-port", "runtime-env-agent-port", "ray-client-server-port")}
         args = ["start", "--head", "--node-ip-address=127.0.0.1", f"--port={self.gcs_port}",
                 "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}", "--include-dashboard=true",
-                f"--num-cpus={num_cpus}", f"--temp-dir={self.temp_dir}", "--disable-usage-stats"]
+                f"--num-cpus={num_cpus}", f"--temp-dir={self.temp_dir}", "--disable-usage-stats",
+                *(f"--{flag}={port}" for flag, port in ports.items())]
         proc = self._ray(*args)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         self._wait_for_job_agent()
