@@ -14,16 +14,6 @@ from csd_ray.workers.vllm_backend import VLLMSampler, VLLMTeacher  # noqa: E402
 PROMPTS = [[1, 42, 7, 99, 5], [5, 6, 300], [8, 9, 10, 11]]
 
 
-def _hf_logprobs(model_owner, rollout):
-    """HF log-prob of every response token of a rollout, [B, T] (0 off the response)."""
-    logits = model_owner.probe_logits(rollout)  # rows of the target mask
-    tokens = rollout.input_ids[:, 1:][rollout.target_mask()]
-    per_row = torch.log_softmax(logits, -1).gather(1, tokens[:, None]).squeeze(1)
-    out = torch.zeros(rollout.input_ids.shape)
-    out[:, 1:][rollout.target_mask()] = per_row
-    return out
-
-
 @pytest.fixture(scope="module")
 def vllm_actors(ray_session, tmp_path_factory):
     recipe = smoke_recipe(tmp_path_factory.mktemp("vllm"), "teacher.backend=vllm", "teacher.payload=topk",
@@ -41,7 +31,7 @@ def test_vllm_sampling_logprobs_match_hf(ray_session, vllm_actors):
     rollout = ray_session.get(sampler.generate.remote(PROMPTS, [0, 1, 2], 12, 7))
     assert rollout.num_tokens() > len(PROMPTS) and rollout.weight_version == 0
     hf = HFSampler(recipe)
-    expected = _hf_logprobs(hf, rollout)
+    expected = hf.token_logprobs(rollout)
     assert (rollout.sampled_logprobs[rollout.response_mask] < 0).all()
     assert torch.allclose(rollout.sampled_logprobs, expected, atol=1e-4), (rollout.sampled_logprobs - expected).abs().max()
 
@@ -77,8 +67,8 @@ def test_vllm_in_place_weight_reload_matches_hf_with_new_weights(ray_session, vl
     hf.receive_weights(new_state, 5)
     rollout = ray_session.get(sampler.generate.remote(PROMPTS, [0, 1, 2], 12, 21))
     assert rollout.weight_version == 5
-    expected = _hf_logprobs(hf, rollout)
+    expected = hf.token_logprobs(rollout)
     assert torch.allclose(rollout.sampled_logprobs, expected, atol=1e-4), (rollout.sampled_logprobs - expected).abs().max()
     # ... and the old weights would not have matched.
-    old = _hf_logprobs(HFSampler(recipe), rollout)
+    old = HFSampler(recipe).token_logprobs(rollout)
     assert (old - rollout.sampled_logprobs)[rollout.response_mask].abs().max() > 1e-2
