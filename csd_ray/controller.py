@@ -67,7 +67,6 @@ class Group:
     rollouts: list
     teacher: list
     loss_weight: float
-    launched_version: int
     rollout_id: int
     """Unique per launched group: a replayed step shows the id it was first trained with."""
 
@@ -80,9 +79,6 @@ class PlannedStep:
     replayed: bool = False
     stream_before: Optional[dict] = None
     """Prompt-stream position before this step drew its prompts (to redo lost work exactly)."""
-
-
-
 
 
 class Controller:
@@ -103,13 +99,14 @@ class Controller:
         self.attempt = 0  # bumps on every recovery, so redone work gets new rollout ids
         self.nonfinite_in_a_row = 0
         self.resumed_from: Optional[Path] = None
+        self.prepared = False
 
     # ---- set-up --------------------------------------------------------------------------
     def prepare(self) -> None:
         """Every check that needs no actor: resume point, model paths, tokenizers, data.
 
         Runs before Ray starts, so bad input fails in seconds with one message."""
-        if getattr(self, "prepared", False):
+        if self.prepared:
             return
         r = self.recipe
         self.resume = self._resume_point()
@@ -135,17 +132,11 @@ class Controller:
         roles = {role.role: role for role in plan(r)}
         self.samplers = self._actors(_sampler_class(r), roles["sampler"])
         self.teachers = self._actors(_teacher_class(r), roles["teacher"])
-        self.trainers = TrainerGroup(r, roles["trainer"], ACTOR_ENV)
-        info = {
+        self.actor_info = {
             "sampler": ray.get([a.ready.remote() for a in self.samplers]),
             "teacher": ray.get([a.ready.remote() for a in self.teachers]),
-            "trainer": self.trainers.info(),
         }
-        (self.run_dir / "actors.json").write_text(json.dumps(info, indent=1))
-        self.actor_info = info
-        if r.teacher.payload == "hidden":
-            self.trainers.call("set_teacher_lm_head", self.teachers[0].lm_head.remote())
-        self.transfer = make_transfer(r)
+        self._start_trainers()
         if resume is not None:
             self._restore(resume)
         self.metrics = MetricsLogger(r, self.run_dir, r.run.steps, self.step)
@@ -156,6 +147,19 @@ class Controller:
             self.evaluator = Evaluator(self.prompts.eval, self.samplers[0], self.teachers[0], self.tokenizer,
                                        self.run_dir, r.run.eval_max_new_tokens, seed=r.run.seed + 99)
         self.eval_history: list[dict] = []
+
+    def _start_trainers(self) -> None:
+        """The trainer group, with what it needs from the teacher, and the weight transfer bound to it."""
+        r = self.recipe
+        self.trainers = TrainerGroup(r, {role.role: role for role in plan(r)}["trainer"], ACTOR_ENV)
+        self.actor_info["trainer"] = self.trainers.info()
+        self._write_actor_info()
+        if r.teacher.payload == "hidden":
+            self.trainers.call("set_teacher_lm_head", self.teachers[0].lm_head.remote())
+        self.transfer = make_transfer(r)  # an NCCL transfer belongs to one trainer group
+
+    def _write_actor_info(self) -> None:
+        (self.run_dir / "actors.json").write_text(json.dumps(self.actor_info, indent=1))
 
     def _actors(self, cls, role) -> list:
         remote = ray.remote(cls)
@@ -266,18 +270,13 @@ class Controller:
             except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as err:
                 dead["trainer"] = f"rank {rank}: {_first_line(err)}"
         if dead:
-            (self.run_dir / "actors.json").write_text(json.dumps(self.actor_info, indent=1))
+            self._write_actor_info()
         return dead
 
     def _rebuild_trainers(self, cause: str) -> None:
         """A rank died: a new group, restored from the last complete checkpoint (or the start)."""
-        r = self.recipe
         self.trainers.shutdown()
-        self.trainers = TrainerGroup(r, {role.role: role for role in plan(r)}["trainer"], ACTOR_ENV)
-        self.actor_info["trainer"] = self.trainers.info()
-        (self.run_dir / "actors.json").write_text(json.dumps(self.actor_info, indent=1))
-        if r.teacher.payload == "hidden":
-            self.trainers.call("set_teacher_lm_head", self.teachers[0].lm_head.remote())
+        self._start_trainers()
         found = complete_checkpoints(self.run_dir)
         if found:
             self._restore(found[-1])
@@ -406,7 +405,7 @@ class Controller:
                 for i, (actor, lo, hi) in enumerate(_shards(actors, len(prompts)))
             ]
         teacher_refs = [self.teachers[i % len(self.teachers)].score.remote(ref) for i, ref in enumerate(rollout_refs)]
-        return Group(src.kind, rollout_refs, teacher_refs, src.loss_weight, self.synced_version, rollout_id)
+        return Group(src.kind, rollout_refs, teacher_refs, src.loss_weight, rollout_id)
 
     # ---- weights, checkpoints, the end ---------------------------------------------------------
     def _sync(self, block: bool) -> float:

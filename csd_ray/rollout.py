@@ -69,13 +69,14 @@ def concat_rollouts(parts: list[Rollout]) -> Rollout:
     """Join rollouts (e.g. shards of several samplers): re-pad to one common layout."""
     if len(parts) == 1:
         return parts[0]
-    prompt_len = max(int(_prompt_width(p)) for p in parts)
-    resp_len = max(p.input_ids.shape[1] - int(_prompt_width(p)) for p in parts)
+    widths = {id(p): _prompt_width(p) for p in parts}
+    prompt_len = max(widths.values())
+    resp_len = max(p.input_ids.shape[1] - widths[id(p)] for p in parts)
 
     def pad(p: Rollout, x: Optional[torch.Tensor], value) -> Optional[torch.Tensor]:
         if x is None:
             return None
-        width = int(_prompt_width(p))
+        width = widths[id(p)]
         left, right = prompt_len - width, resp_len - (x.shape[1] - width)
         pads = [0, 0] * (x.dim() - 2) + [left, right]
         return torch.nn.functional.pad(x, pads, value=value)

@@ -59,7 +59,5 @@ class NCCLBroadcastTransfer(WeightTransfer):
 
 
 def make_transfer(recipe) -> WeightTransfer:
-    gpu = recipe.trainer.placement.num_gpus > 0 and recipe.sampler.placement.num_gpus > 0
-    if recipe.sampler.backend == "vllm" and gpu and recipe.sampler.weight_transfer == "nccl":
-        return NCCLBroadcastTransfer()
-    return ObjectStoreTransfer()
+    """The recipe's strategy (validation already tied 'nccl' to vllm samplers and GPUs)."""
+    return NCCLBroadcastTransfer() if recipe.sampler.weight_transfer == "nccl" else ObjectStoreTransfer()
