@@ -106,3 +106,45 @@ def test_unplaceable_recipe_fails_before_actors_start(capsys, monkeypatch, tmp_p
     err = capsys.readouterr().err
     assert code == 2 and "can never be placed" in err and "a sampler actor needs" in err
     assert not (tmp_path / "actors.json").exists()
+
+
+def test_two_nodes_on_loopback_run_the_roles_on_the_nodes_the_recipe_names(tmp_path):
+    """A head and a second node, both real raylets on 127.0.0.1, each with its own temp dir.
+
+    `ray start` refuses a second node while RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (which keeps every
+    Ray listener on loopback); Ray's own multi-node harness, ray.cluster_utils.Cluster, starts the
+    same node processes without that check.
+    """
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    from ray.cluster_utils import Cluster
+
+    def node_args(tag: str) -> dict:
+        # Short temp dirs: Ray's unix socket paths must stay under 108 bytes.
+        return dict(node_ip_address="127.0.0.1", num_cpus=2, resources={tag: 1}, include_dashboard=False,
+                    temp_dir=tempfile.mkdtemp(prefix=f"csd{tag[-1]}", dir="/tmp"))
+
+    cluster = Cluster(initialize_head=True, head_node_args=node_args("node_a"))
+    try:
+        node_b = cluster.add_node(**node_args("node_b"))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+        env["RAY_ADDRESS"] = cluster.address
+        out = tmp_path / "run"
+        proc = subprocess.run(
+            [sys.executable, "-m", "csd_ray.run", str(REPO / "recipes" / "smoke.yaml"), f"run.output_dir={out}",
+             "run.steps=2", "data.eval_size=0", "trainer.num_ranks=2",
+             "sampler.placement.resources={node_a: 0.1}", "teacher.placement.resources={node_a: 0.1}",
+             "trainer.placement.resources={node_b: 0.1}"],
+            env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        actors = json.loads((out / "actors.json").read_text())
+        head_id, worker_id = cluster.head_node.node_id, node_b.node_id
+        assert head_id != worker_id
+        assert {a["node_id"] for a in actors["sampler"] + actors["teacher"]} == {head_id}
+        assert [a["node_id"] for a in actors["trainer"]] == [worker_id, worker_id]
+        assert (out / "final" / "model.safetensors").exists()
+    finally:
+        cluster.shutdown()
