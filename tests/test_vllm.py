@@ -9,6 +9,7 @@ from conftest import smoke_recipe  # noqa: E402
 from csd_ray.losses import topk_from_logits  # noqa: E402
 from csd_ray.workers.sampler import HFSampler  # noqa: E402
 from csd_ray.workers.teacher import HFTeacher  # noqa: E402
+from csd_ray.weight_sync import HostWeights  # noqa: E402
 from csd_ray.workers.vllm_backend import VLLMSampler, VLLMTeacher  # noqa: E402
 
 PROMPTS = [[1, 42, 7, 99, 5], [5, 6, 300], [8, 9, 10, 11]]
@@ -63,8 +64,9 @@ def test_vllm_in_place_weight_reload_matches_hf_with_new_weights(ray_session, vl
     torch.manual_seed(0)
     new_state = {k: v + 0.05 * torch.randn_like(v) for k, v in hf.model.state_dict().items()}
     new_state["lm_head.weight"] = new_state["model.embed_tokens.weight"]  # tied
-    assert ray_session.get(sampler.receive_weights.remote(new_state, 5)) == 5
-    hf.receive_weights(new_state, 5)
+    weights = HostWeights.from_state_dict(new_state)
+    assert ray_session.get(sampler.receive_weights.remote(weights, 5)) == 5
+    hf.receive_weights(weights, 5)
     rollout = ray_session.get(sampler.generate.remote(PROMPTS, [0, 1, 2], 12, 21))
     assert rollout.weight_version == 5
     expected = hf.token_logprobs(rollout)

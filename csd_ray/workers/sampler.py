@@ -10,6 +10,7 @@ import torch
 from csd_ray.config import Recipe
 from csd_ray.models import load_model, load_tokenizer
 from csd_ray.rollout import Rollout
+from csd_ray.weight_sync import HostWeights
 from csd_ray.workers.hf_generate import actor_info, configure_process, forward_hidden, hf_generate, response_logprobs
 
 
@@ -40,9 +41,9 @@ class HFSampler:
         rollout.seconds, rollout.worker_pid = time.perf_counter() - t0, os.getpid()
         return rollout
 
-    def receive_weights(self, state_dict: dict, version: int) -> int:
+    def receive_weights(self, weights: HostWeights, version: int) -> int:
         """Load a full (HF-named) state dict sent through the object store."""
-        missing, unexpected = self.model.load_state_dict(state_dict, strict=False)
+        missing, unexpected = self.model.load_state_dict(weights.to_state_dict(), strict=False)
         tied = {"lm_head.weight"} if self.model.config.tie_word_embeddings else set()
         if set(missing) - tied or unexpected:
             raise RuntimeError(f"weight sync mismatch: missing {sorted(set(missing) - tied)[:5]}, unexpected {unexpected[:5]}")

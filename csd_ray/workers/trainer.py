@@ -22,6 +22,7 @@ from csd_ray.config import Recipe
 from csd_ray.losses import get_loss
 from csd_ray.models import decoder_layers, load_model, load_tokenizer, position_ids
 from csd_ray.rollout import Rollout, TeacherOutput, concat_rollouts
+from csd_ray.weight_sync import HostWeights
 from csd_ray.workers.hf_generate import actor_info, configure_process
 
 
@@ -237,6 +238,11 @@ class TrainerRank:
         if self.rank != 0:
             return None
         return {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+
+    def host_weights(self) -> Optional[HostWeights]:
+        """The full state dict in the form the object store moves cheaply (rank 0). Collective."""
+        state = self.full_state_dict()
+        return HostWeights.from_state_dict(state) if state is not None else None
 
     def save_hf(self, path: str) -> Optional[str]:
         """Write an HF folder (model + tokenizer) from rank 0. Collective."""
