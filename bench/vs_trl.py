@@ -124,15 +124,14 @@ def run_trl(args, prompts_path: Path, student_dir: str, teacher_dir: str, out: P
         args=config, train_dataset=load_dataset("json", data_files=str(prompts_path), split="train"),
         processing_class=tokenizer, callbacks=[clock],
     )
-    # With no assistant tokens to count, this TRL version divides the loss by the dataset answers'
-    # token count (or 0 for prompt-only data: NaN at step 2); normalise per generated token instead.
+    # This TRL version divides the loss by the token count of the dataset's answers (0 for
+    # prompt-only data: NaN at step 2), not of the generated responses; without loss kwargs the
+    # loss is a mean over generated tokens, as csd_ray's is.
     trainer.model_accepts_loss_kwargs = False
     trainer.generated_tokens = []
     trainer.train()
-    seconds = clock.ends[-1] - clock.ends[args.warmup - 1] if args.warmup else None
-    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
-    return {"model": trainer.model.eval(), "seconds": seconds,
-            "generated_tokens": sum(trainer.generated_tokens[args.warmup:]), "losses": losses}
+    return {"model": trainer.model.eval(), "seconds": clock.ends[-1] - clock.ends[args.warmup - 1],
+            "generated_tokens": sum(trainer.generated_tokens[args.warmup:])}
 
 
 # --- csd_ray --------------------------------------------------------------------------------------
