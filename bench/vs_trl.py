@@ -37,7 +37,8 @@ import torch  # noqa: E402
 
 from csd_ray.config import ModelConfig, load_recipe  # noqa: E402
 from csd_ray.controller import Controller  # noqa: E402
-from csd_ray.evaluation import distinct_n, mean_nll, response_tokens  # noqa: E402
+from csd_ray.data import encode_prompt  # noqa: E402
+from csd_ray.evaluation import mean_nll, response_tokens, sample_stats  # noqa: E402
 from csd_ray.metrics import read_metrics  # noqa: E402
 from csd_ray.models import load_tokenizer, model_folder  # noqa: E402
 from csd_ray.workers.hf_generate import hf_generate, response_logprobs  # noqa: E402
@@ -60,12 +61,6 @@ def write_prompts(out: Path, n_train: int, n_eval: int) -> tuple[Path, list[str]
     return path, [r["question"] for r in read("test.jsonl")[:n_eval]]
 
 
-def encode(tokenizer, question: str) -> list[int]:
-    text = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                         tokenize=False)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
 # --- held-out quality, the same code for both students ------------------------------------------
 
 @torch.no_grad()
@@ -73,20 +68,17 @@ def evaluate(student, teacher, tokenizer, prompts: list[list[int]], new_tokens: 
     gen = dict(pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, max_new_tokens=new_tokens,
                temperature=1.0, top_p=1.0)
     samples = hf_generate(student, prompts, seed=1234, **gen)
-    tokens = response_tokens(samples)
-    eos = tokenizer.eos_token_id
     return {
         "teacher_nll": mean_nll(response_logprobs(teacher, samples), samples),
         "student_nll_on_teacher": mean_nll(response_logprobs(student, teacher_greedy), teacher_greedy),
-        "distinct2": distinct_n([[t for t in s if t != eos] for s in tokens]),
-        "eos_rate": sum(bool(s) and s[-1] == eos for s in tokens) / len(tokens),
-        "mean_len": sum(map(len, tokens)) / len(tokens),
+        **sample_stats(response_tokens(samples), tokenizer.eos_token_id),
     }
 
 
 # --- TRL ------------------------------------------------------------------------------------------
 
-def run_trl(args, prompts_path: Path, student_dir: str, teacher_dir: str, out: Path, kv_cache: bool) -> dict:
+def run_trl(args, prompts_path: Path, student_dir: str, teacher_dir: str, tokenizer, out: Path,
+            kv_cache: bool) -> dict:
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, TrainerCallback
     from trl.experimental.gkd import GKDConfig, GKDTrainer
@@ -106,7 +98,6 @@ def run_trl(args, prompts_path: Path, student_dir: str, teacher_dir: str, out: P
         def on_step_end(self, *_, **__):
             self.ends.append(time.perf_counter())
 
-    tokenizer = load_tokenizer(STUDENT)
     config = GKDConfig(
         output_dir=str(out / "trl"), per_device_train_batch_size=args.batch, max_steps=args.warmup + args.steps,
         learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
@@ -192,6 +183,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.warmup < 1:
         parser.error("--warmup must be >= 1 (the timed window starts at the end of a warm-up step)")
+    systems = args.systems.split(",")
+    unknown = set(systems) - {"trl", "trl-kv", *CSD_RAY_SYSTEMS}
+    if unknown:
+        parser.error(f"unknown --systems {sorted(unknown)}; choose from trl,trl-kv,{','.join(CSD_RAY_SYSTEMS)}")
     try:
         import trl
     except ImportError:
@@ -205,15 +200,11 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
-    systems = args.systems.split(",")
-    unknown = set(systems) - {"trl", "trl-kv", *CSD_RAY_SYSTEMS}
-    if unknown:
-        parser.error(f"unknown --systems {sorted(unknown)}; choose from trl,trl-kv,{','.join(CSD_RAY_SYSTEMS)}")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         prompts_path, eval_questions = write_prompts(out, (args.warmup + args.steps) * args.batch, args.eval)
-        eval_prompts = [encode(tokenizer, q) for q in eval_questions]
+        eval_prompts = [encode_prompt(q, tokenizer)[0] for q in eval_questions]
         teacher_greedy = hf_generate(teacher, eval_prompts, pad_id=tokenizer.pad_token_id,
                                      eos_id=tokenizer.eos_token_id, max_new_tokens=args.new_tokens, temperature=1.0,
                                      top_p=1.0, seed=0, greedy=True)
@@ -223,7 +214,8 @@ def main() -> None:
         for name in ("trl", "trl-kv"):
             if name in systems:
                 print(f"TRL {trl.__version__} GKDTrainer ({name}) ...", file=sys.stderr, flush=True)
-                results[name] = run_trl(args, prompts_path, student_dir, teacher_dir, out, kv_cache=name == "trl-kv")
+                results[name] = run_trl(args, prompts_path, student_dir, teacher_dir, tokenizer, out,
+                                        kv_cache=name == "trl-kv")
         ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
         for name in CSD_RAY_SYSTEMS:
             if name in systems:

@@ -143,7 +143,8 @@ def read_examples(cfg: DataConfig) -> list[Example]:
     return examples
 
 
-def _prompt_ids(prompt: Any, tokenizer, chat_template: bool) -> tuple[list[int], str]:
+def encode_prompt(prompt: Any, tokenizer, chat_template: bool = True) -> tuple[list[int], str]:
+    """Token ids and text of a prompt (text or chat messages), with the chat template when asked and present."""
     if isinstance(prompt, list):  # chat messages
         text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     elif chat_template and getattr(tokenizer, "chat_template", None):
@@ -158,7 +159,7 @@ def load_prompts(cfg: DataConfig, tokenizer, seed: int = 0) -> PromptSet:
     examples = read_examples(cfg)
     encoded, dropped = [], 0
     for i, ex in enumerate(examples):
-        ids, text = _prompt_ids(ex.prompt, tokenizer, cfg.chat_template)
+        ids, text = encode_prompt(ex.prompt, tokenizer, cfg.chat_template)
         if len(ids) > cfg.max_prompt_tokens:
             dropped += 1
             continue

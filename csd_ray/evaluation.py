@@ -39,6 +39,16 @@ def distinct_n(sequences: list[list[int]], n: int = 2) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
+def sample_stats(sample_tokens: list[list[int]], eos: int) -> dict[str, float]:
+    """distinct-2 (EOS left out), share of samples ending with EOS, and mean length of sampled responses."""
+    n = max(1, len(sample_tokens))
+    return {
+        "distinct2": distinct_n([[t for t in s if t != eos] for s in sample_tokens]),
+        "eos_rate": sum(bool(s) and s[-1] == eos for s in sample_tokens) / n,
+        "mean_len": sum(map(len, sample_tokens)) / n,
+    }
+
+
 def rouge_l(candidate: str, reference: str) -> float:
     """ROUGE-L F1 on whitespace tokens (longest common subsequence)."""
     a, b = candidate.split(), reference.split()
@@ -87,16 +97,13 @@ class Evaluator:
         sample_tokens = response_tokens(samples)
         greedy_text = [decode(t) for t in response_tokens(greedy)]
         teacher_text = [decode(t) for t in response_tokens(teacher_greedy)]
-        eos = self.tokenizer.eos_token_id
         answers = [(e.answer, extract_number(text)) for e, text in zip(self.examples, greedy_text) if e.answer is not None]
         metrics = {
             "teacher_nll": mean_nll(fidelity, samples),
             "student_nll_on_teacher": mean_nll(coverage, teacher_greedy),
             "accuracy": sum(a == b for a, b in answers) / len(answers) if answers else float("nan"),
             "rouge_l": sum(rouge_l(g, t) for g, t in zip(greedy_text, teacher_text)) / max(1, len(greedy_text)),
-            "distinct2": distinct_n([[t for t in s if t != eos] for s in sample_tokens]),
-            "eos_rate": sum(bool(s) and s[-1] == eos for s in sample_tokens) / max(1, len(sample_tokens)),
-            "mean_len": sum(map(len, sample_tokens)) / max(1, len(sample_tokens)),
+            **sample_stats(sample_tokens, self.tokenizer.eos_token_id),
         }
         self._write_samples(step, [decode(t) for t in sample_tokens], greedy_text, teacher_text)
         return metrics

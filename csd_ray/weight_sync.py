@@ -30,7 +30,8 @@ class HostWeights:
 
     Torch tensors are pickled into the object store and unpickled out of it (two copies of the
     whole model per sync); numpy arrays are written once and read back as views of shared
-    memory. On the SmolLM2 8-layer student (216 MiB) this cut a sync from 0.6-1.0 s to 0.06-0.18 s.
+    memory. For the SmolLM2 8-layer student (216 MiB), put + get + load takes 0.061 s instead of
+    0.601 s (bench/weight_sync.py).
     """
 
     arrays: dict[str, np.ndarray]
