@@ -19,6 +19,7 @@ import torch
 
 from csd_ray.config import DataConfig, ModelConfig
 from csd_ray.data import load_prompts
+from csd_ray.generation import SamplingSpec, token_rules
 from csd_ray.losses import DenseTeacher, HiddenTeacher, get_loss, topk_from_logits
 from csd_ray.models import load_model, load_tokenizer
 from csd_ray.workers.hf_generate import forward_hidden, hf_generate
@@ -38,8 +39,7 @@ def main() -> None:
     teacher, student = load_model(teacher_cfg, tokenizer), load_model(student_cfg, tokenizer)
     data = load_prompts(DataConfig(source=args.gsm8k, eval_size=0, max_prompt_tokens=256), tokenizer)
     prompts = [e.prompt_ids for e in data.train[: args.prompts]]
-    rollout = hf_generate(teacher, prompts, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
-                          max_new_tokens=args.new_tokens, temperature=1.0, top_p=1.0, seed=0, greedy=True)
+    rollout = hf_generate(teacher, prompts, SamplingSpec(args.new_tokens, greedy=True), token_rules(tokenizer))
     with torch.no_grad():
         rows = rollout.target_mask()
         t_hidden = forward_hidden(teacher, rollout)[:, :-1][rows]

@@ -42,6 +42,7 @@ from csd_ray.evaluation import mean_nll, response_tokens, sample_stats  # noqa: 
 from csd_ray.metrics import read_metrics  # noqa: E402
 from csd_ray.models import load_tokenizer, model_folder  # noqa: E402
 from csd_ray.workers.hf_generate import hf_generate, response_logprobs  # noqa: E402
+from csd_ray.generation import SamplingSpec, token_rules  # noqa: E402
 
 GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
 TEACHER = ModelConfig(path="smollm2-135m-instruct")
@@ -65,13 +66,12 @@ def write_prompts(out: Path, n_train: int, n_eval: int) -> tuple[Path, list[str]
 
 @torch.no_grad()
 def evaluate(student, teacher, tokenizer, prompts: list[list[int]], new_tokens: int, teacher_greedy) -> dict:
-    gen = dict(pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, max_new_tokens=new_tokens,
-               temperature=1.0, top_p=1.0)
-    samples = hf_generate(student, prompts, seed=1234, **gen)
+    rules = token_rules(tokenizer)
+    samples = hf_generate(student, prompts, SamplingSpec(new_tokens, seed=1234), rules)
     return {
-        "teacher_nll": mean_nll(response_logprobs(teacher, samples), samples),
-        "student_nll_on_teacher": mean_nll(response_logprobs(student, teacher_greedy), teacher_greedy),
-        **sample_stats(response_tokens(samples), tokenizer.eos_token_id),
+        "teacher_nll": mean_nll(response_logprobs(teacher, samples, rules.vocab_size), samples),
+        "student_nll_on_teacher": mean_nll(response_logprobs(student, teacher_greedy, rules.vocab_size), teacher_greedy),
+        **sample_stats(response_tokens(samples), rules.stop_ids),
     }
 
 
@@ -205,9 +205,8 @@ def main() -> None:
         out = Path(tmp)
         prompts_path, eval_questions = write_prompts(out, (args.warmup + args.steps) * args.batch, args.eval)
         eval_prompts = [encode_prompt(q, tokenizer)[0] for q in eval_questions]
-        teacher_greedy = hf_generate(teacher, eval_prompts, pad_id=tokenizer.pad_token_id,
-                                     eos_id=tokenizer.eos_token_id, max_new_tokens=args.new_tokens, temperature=1.0,
-                                     top_p=1.0, seed=0, greedy=True)
+        teacher_greedy = hf_generate(teacher, eval_prompts, SamplingSpec(args.new_tokens, greedy=True),
+                                     token_rules(tokenizer))
         start = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32).eval()
         before = evaluate(start, teacher, tokenizer, eval_prompts, args.new_tokens, teacher_greedy)
         del start

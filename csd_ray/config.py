@@ -15,6 +15,10 @@ from typing import Any, Literal, Optional
 from csd_ray.schema import ConfigError, Located, apply_override, build, load_yaml
 
 
+#: Attention head sizes vLLM's CPU and GPU attention backends accept.
+VLLM_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
 @dataclass
 class TinyModelConfig:
     """A small random-weight Llama built on the fly (tests, smoke runs): no download."""
@@ -110,7 +114,10 @@ class SamplerConfig:
     temperature: float = 1.0
     """Sampling temperature (1.0 = on-policy samples of the student's distribution)."""
     top_p: float = 1.0
-    """Nucleus sampling mass."""
+    """Nucleus sampling mass (1 = no truncation)."""
+    top_k: int = 0
+    """Sample among the k most likely tokens only; 0 = no truncation. Whatever a model folder's
+    generation_config.json says is ignored: the recipe alone sets the distribution."""
     student_topk: int = 0
     """Also return the student's top-k token ids per position (merged into a top-k teacher payload)."""
     vllm_gpu_memory_utilization: float = 0.5
@@ -118,6 +125,9 @@ class SamplerConfig:
     weight_transfer: Literal["object_store", "nccl"] = "object_store"
     """How new weights reach the sampler: through the Ray object store (everywhere), or an NCCL
     broadcast from trainer rank 0 into the vLLM workers (vllm backend on GPUs)."""
+    weight_sync_timeout_s: float = 600.0
+    """A weight sync that takes longer fails the run with the side that stalled named (an NCCL
+    broadcast would otherwise wait forever when one side has died)."""
 
 
 @dataclass
@@ -160,6 +170,9 @@ class TrainerConfig:
     """Process-group backend; auto = nccl when ranks have GPUs, else gloo."""
     micro_batch_size: int = 0
     """Sequences per forward/backward on a rank; 0 = the rank's whole share at once."""
+    param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Compute dtype of the student's forward/backward (FSDP2 MixedPrecisionPolicy.param_dtype).
+    Master weights, optimizer state and gradient reduction stay fp32; the loss math is fp32."""
     lr: float = 1e-5
     """AdamW peak learning rate."""
     weight_decay: float = 0.0
@@ -445,6 +458,10 @@ class Recipe:
             raise located.error("sampler.temperature", f"must be > 0, got {self.sampler.temperature}")
         if not 0 < self.sampler.top_p <= 1:
             raise located.error("sampler.top_p", f"must be in (0, 1], got {self.sampler.top_p}")
+        if self.sampler.top_k < 0:
+            raise located.error("sampler.top_k", f"must be >= 0 (0 = no truncation), got {self.sampler.top_k}")
+        if self.sampler.weight_sync_timeout_s <= 0:
+            raise located.error("sampler.weight_sync_timeout_s", f"must be > 0, got {self.sampler.weight_sync_timeout_s}")
         if self.teacher.payload == "topk" and self.teacher.topk < 1:
             raise located.error("teacher.topk", f"must be >= 1, got {self.teacher.topk}")
         if self.teacher.backend == "vllm" and self.teacher.payload != "topk":
@@ -453,6 +470,13 @@ class Recipe:
                 f"the vllm teacher backend produces only the 'topk' payload (prompt log-probs), got "
                 f"'{self.teacher.payload}'; use teacher.backend=hf for 'logits' or 'hidden'",
             )
+        for role, model_key in (("sampler", "student_model"), ("teacher", "teacher_model")):
+            model = getattr(self, model_key)
+            head_dim = model.tiny.hidden_size // model.tiny.num_heads
+            if getattr(self, role).backend == "vllm" and model.path == "tiny" and head_dim not in VLLM_HEAD_DIMS:
+                raise located.error(f"{model_key}.tiny.hidden_size",
+                                    f"the vllm {role} backend needs an attention head size in {list(VLLM_HEAD_DIMS)}; "
+                                    f"hidden_size/num_heads = {head_dim}")
         if self.sampler.student_topk and self.teacher.backend == "vllm":
             raise located.error(
                 "sampler.student_topk",

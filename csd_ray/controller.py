@@ -20,21 +20,20 @@ from pathlib import Path
 from typing import Optional
 
 import ray
+import torch
 import yaml
 
 from csd_ray.config import Recipe, SourceConfig
 from csd_ray.data import PromptStream, load_prompts
+from csd_ray.devices import actor_env
 from csd_ray.evaluation import Evaluator, format_eval
 from csd_ray.metrics import MetricsLogger
-from csd_ray.models import check_same_tokenizer, load_tokenizer, resolve
+from csd_ray.models import check_same_tokenizer, load_tokenizer, preflight, resolve
 from csd_ray.placement import plan
 from csd_ray.rollout import rollout_from_tokens
 from csd_ray.schema import to_dict
 from csd_ray.weight_sync import make_transfer
 from csd_ray.workers.group import TrainerGroup
-
-ACTOR_ENV = {"TOKENIZERS_PARALLELISM": "false", "TORCH_COMPILE_DISABLE": "1"}
-
 
 class RunStopped(RuntimeError):
     """The run stopped early on purpose (signal, non-finite losses); the message says how to go on."""
@@ -114,8 +113,11 @@ class Controller:
             if cfg.path != "tiny":
                 resolve(cfg.path, need_model=False)
         self.tokenizer = load_tokenizer(r.student_model)
-        check_same_tokenizer(self.tokenizer, load_tokenizer(r.teacher_model), r.student_model.path, r.teacher_model.path)
-        self.prompts = load_prompts(r.data, self.tokenizer, seed=r.run.seed)
+        teacher_tokenizer = load_tokenizer(r.teacher_model)
+        check_same_tokenizer(self.tokenizer, teacher_tokenizer, r.student_model.path, r.teacher_model.path)
+        self.rules = preflight(r.student_model, self.tokenizer, "student_model")
+        preflight(r.teacher_model, teacher_tokenizer, "teacher_model")
+        self.prompts = load_prompts(r.data, self.tokenizer, seed=r.run.seed, end_id=self.rules.end_of_response_id)
         if self.prompts.dropped_too_long:
             self.log(f"data: dropped {self.prompts.dropped_too_long} prompts longer than {r.data.max_prompt_tokens} tokens")
         self.stream = PromptStream(self.prompts.train, seed=r.run.seed)
@@ -145,16 +147,18 @@ class Controller:
         self.evaluator = None
         if self.prompts.eval:
             self.evaluator = Evaluator(self.prompts.eval, self.samplers[0], self.teachers[0], self.tokenizer,
-                                       self.run_dir, r.run.eval_max_new_tokens, seed=r.run.seed + 99)
+                                       self.run_dir, r.run.eval_max_new_tokens, seed=r.run.seed + 99,
+                                       stop_ids=self.rules.stop_ids)
         self.eval_history: list[dict] = []
 
     def _start_trainers(self) -> None:
         """The trainer group, with what it needs from the teacher, and the weight transfer bound to it."""
         r = self.recipe
-        self.trainers = TrainerGroup(r, {role.role: role for role in plan(r)}["trainer"], ACTOR_ENV)
+        self.trainers = TrainerGroup(r, {role.role: role for role in plan(r)}["trainer"],
+                                     actor_env(r.trainer.placement.num_gpus))
         self.actor_info["trainer"] = self.trainers.info()
         self._write_actor_info()
-        if r.teacher.payload == "hidden":
+        if r.teacher.payload == "hidden":  # (weight, logit transform) of the teacher's output layer
             self.trainers.call("set_teacher_lm_head", self.teachers[0].lm_head.remote())
         self.transfer = make_transfer(r)  # an NCCL transfer belongs to one trainer group
 
@@ -166,7 +170,8 @@ class Controller:
         return [
             remote.options(
                 num_cpus=role.placement.num_cpus, num_gpus=role.placement.num_gpus,
-                resources=dict(role.placement.resources), runtime_env={"env_vars": ACTOR_ENV},
+                resources=dict(role.placement.resources),
+                runtime_env={"env_vars": actor_env(role.placement.num_gpus)},
                 max_restarts=self.recipe.run.max_actor_restarts, max_task_retries=0,
             ).remote(self.recipe, i)
             for i in range(role.replicas)
@@ -209,6 +214,9 @@ class Controller:
                     while next_launch < run.steps and self._may_launch(next_launch):
                         pending.append(self._launch(next_launch))
                         next_launch += 1
+                    if not pending:  # the sampler's weights are too old for even the next step
+                        self._sync(block=True)
+                        continue
                     self._step(pending.popleft())
                     next_prompts = pending[0].stream_before if pending else self.stream.state()
             except ray.exceptions.RayError as exc:
@@ -233,6 +241,7 @@ class Controller:
             self.metrics.log({"kind": "restart", "step": self.step, "roles": sorted(dead), "cause": "; ".join(dead.values())})
             if "sampler" in dead:
                 self.synced_version = -1  # it lost its weights
+                self.transfer = make_transfer(self.recipe)  # and its side of an NCCL group
 
     def _recover(self, exc: Exception, next_prompts: dict) -> None:
         """An actor died: restart what can be restarted and rewind to redo what was lost."""
@@ -247,6 +256,9 @@ class Controller:
             self.stream.load_state(next_prompts)  # the lost steps draw the same prompts again
             self.metrics.log({"kind": "restart", "step": self.step, "roles": sorted(dead), "cause": _first_line(exc)})
             self.metrics.message(f"restarted {', '.join(sorted(dead))} after: {_first_line(exc)}; redoing step {self.step + 1}")
+        self._sync_refs = []  # a sync in flight may involve the dead actor
+        if "sampler" in dead:
+            self.transfer = make_transfer(self.recipe)  # an NCCL group dies with its vLLM worker: form a new one
         self.synced_version = -1
         if self.samplers:
             self._sync(block=True)  # restarted samplers start from their initial weights
@@ -300,7 +312,11 @@ class Controller:
             return index <= self.step + (1 if run.overlap_offpolicy else 0)
         if run.mode == "sync":
             return index <= self.step
-        return index <= self.step + run.max_staleness and self.synced_version >= index - run.max_staleness
+        # Staleness counts optimizer steps (versions), not step indices: skipped non-finite steps
+        # apply no update. Step `index` trains on weights at most `index - self.step` versions
+        # newer than now, and samples with the weights last synced.
+        newest_at_training = self.version + (index - self.step)
+        return index <= self.step + run.max_staleness and self.synced_version >= newest_at_training - run.max_staleness
 
     def _step(self, planned: PlannedStep) -> None:
         run = self.recipe.run
@@ -392,7 +408,7 @@ class Controller:
             if missing:
                 raise RuntimeError(f"the 'dataset' source needs reference responses; example {missing[0]} has none")
             rollout = rollout_from_tokens(
-                prompts, [e.response_ids[:max_new] for e in examples], self.tokenizer.pad_token_id,
+                prompts, [e.response_ids[:max_new] for e in examples], self.rules.pad_id,
                 weight_version=self.version, source="dataset", prompt_indices=indices,
             )
             rollout_refs = [ray.put(rollout)]
@@ -409,14 +425,30 @@ class Controller:
 
     # ---- weights, checkpoints, the end ---------------------------------------------------------
     def _sync(self, block: bool) -> float:
+        """Send the trainers' weights to the sampler(s). Every sync is awaited within
+        ``sampler.weight_sync_timeout_s``: a blocking one now, a non-blocking one by the next sync."""
         t0 = time.perf_counter()
-        refs = self.transfer.push(self.trainers, self.samplers, self.version)
+        self._await_sync()
+        self._sync_refs, self._sync_started = self.transfer.push(self.trainers, self.samplers, self.version), t0
         self.synced_version = self.version
         if block:
-            ray.get(refs)
+            self._await_sync()
         seconds = time.perf_counter() - t0
         self._sync_seconds += seconds
         return seconds
+
+    def _await_sync(self) -> None:
+        refs, self._sync_refs = getattr(self, "_sync_refs", []), []
+        if not refs:
+            return
+        timeout = self.recipe.sampler.weight_sync_timeout_s
+        left = max(1.0, timeout - (time.perf_counter() - self._sync_started))
+        try:
+            ray.get(refs, timeout=left)
+        except ray.exceptions.GetTimeoutError:
+            raise RunStopped(
+                f"weight sync ({self.transfer.name}) did not finish within sampler.weight_sync_timeout_s={timeout:g} s; "
+                "a sampler or trainer rank is stuck or died mid-transfer", exit_code=1) from None
 
     def checkpoint(self) -> Path:
         """Sharded checkpoint of the trainers plus the controller's own state, made visible atomically."""
@@ -429,6 +461,8 @@ class Controller:
         state = {"step": self.step, "version": self.version, "stream": self.stream.state()}
         state["fingerprint"] = fingerprint(self.recipe)
         (tmp / "controller.json").write_text(json.dumps(state))
+        if self.replay:  # a resumed run must replay the same rollouts with the same draws
+            torch.save([_materialise(p) for p in self.replay], tmp / "replay.pt")
         (tmp / "COMPLETE").write_text("ok\n")
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
@@ -469,6 +503,9 @@ class Controller:
         versions = self.trainers.call("load_checkpoint", str(path))
         self.step, self.version = state["step"], versions[0]
         self.stream.load_state(state["stream"])
+        self.replay.clear()
+        if (path / "replay.pt").exists():
+            self.replay.extend(_from_disk(p) for p in torch.load(path / "replay.pt", weights_only=False))
         self.synced_version = -1  # the samplers still hold their initial weights
         self.resumed_from = path
 
@@ -493,6 +530,20 @@ class Controller:
             self.trainers.shutdown()
         for actor in self.samplers + self.teachers:
             ray.kill(actor)
+
+
+def _materialise(planned: PlannedStep) -> PlannedStep:
+    """A replay entry with its rollouts and teacher outputs fetched (for a checkpoint)."""
+    groups = [Group(g.source, ray.get(list(g.rollouts)), ray.get(list(g.teacher)), g.loss_weight, g.rollout_id)
+              for g in planned.groups]
+    return PlannedStep(planned.index, groups, planned.max_new_tokens, planned.replayed, planned.stream_before)
+
+
+def _from_disk(planned: PlannedStep) -> PlannedStep:
+    """The inverse of _materialise: objects back into the object store, as refs."""
+    groups = [Group(g.source, [ray.put(r) for r in g.rollouts], [ray.put(t) for t in g.teacher], g.loss_weight,
+                    g.rollout_id) for g in planned.groups]
+    return PlannedStep(planned.index, groups, planned.max_new_tokens, planned.replayed, planned.stream_before)
 
 
 def _ping(actor, timeout: float) -> dict:

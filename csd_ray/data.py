@@ -28,6 +28,8 @@ class Example:
     """Reference response (supervised KD source, evaluation)."""
     answer: Optional[str] = None
     """Exact answer for accuracy."""
+    where: str = ""
+    """Where the row came from ('file:line', 'file row n'), for error messages."""
 
 
 @dataclass
@@ -55,7 +57,8 @@ def arithmetic_examples(n: int, seed: int) -> list[Example]:
         op = rng.choice(["+", "-", "*"])
         a, b = (rng.randint(2, 12), rng.randint(2, 12)) if op == "*" else (rng.randint(1, 99), rng.randint(1, 99))
         value = {"+": a + b, "-": a - b, "*": a * b}[op]
-        out.append(Example(prompt=f"What is {a} {op} {b}? Answer with the number.", response=f"{a} {op} {b} = {value}.", answer=str(value)))
+        out.append(Example(prompt=f"What is {a} {op} {b}? Answer with the number.", response=f"{a} {op} {b} = {value}.",
+                           answer=str(value), where=f"arithmetic[{len(out)}]"))
     return out
 
 
@@ -137,26 +140,66 @@ def read_examples(cfg: DataConfig) -> list[Example]:
                 raise DataError(f"{where}: no field '{name}'; fields: {', '.join(record)}")
         response = record[cfg.response_field] if cfg.response_field else None
         answer = parse_answer(record[cfg.answer_field]) if cfg.answer_field else None
-        examples.append(Example(prompt=record[cfg.prompt_field], response=response, answer=answer))
+        prompt = record[cfg.prompt_field]
+        if isinstance(prompt, list) and prompt and isinstance(prompt[-1], dict) and prompt[-1].get("role") == "assistant":
+            # A conversation that ends with the answer: the answer is the reference response,
+            # never prompt text (it would be followed by a fresh assistant header).
+            response = prompt[-1].get("content") if response is None else response
+            prompt = prompt[:-1]
+        _check_prompt(prompt, where, cfg.prompt_field)
+        examples.append(Example(prompt=prompt, response=response, answer=answer, where=where))
     if not examples:
         raise DataError(f"{cfg.source}: the dataset is empty")
     return examples
 
 
+def _check_prompt(prompt: Any, where: str, field_name: str) -> None:
+    """Refuse prompts a model cannot be asked: empty text, or messages with no user content."""
+    if isinstance(prompt, list):
+        bad = [i for i, m in enumerate(prompt) if not isinstance(m, dict) or "role" not in m or "content" not in m]
+        if bad:
+            raise DataError(f"{where}: chat message {bad[0]} of '{field_name}' needs 'role' and 'content' keys")
+        if not any(str(m["content"]).strip() for m in prompt):
+            raise DataError(f"{where}: '{field_name}' has no non-empty message to prompt with")
+    elif prompt is None or not str(prompt).strip():
+        raise DataError(f"{where}: '{field_name}' is empty; every row needs a prompt")
+
+
+def special_prefix(tokenizer) -> list[int]:
+    """Ids the tokenizer itself puts before any text (a BOS for Llama/Gemma; [] for Qwen/SmolLM2)."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return full[:start]
+    return []
+
+
 def encode_prompt(prompt: Any, tokenizer, chat_template: bool = True) -> tuple[list[int], str]:
-    """Token ids and text of a prompt (text or chat messages), with the chat template when asked and present."""
+    """Token ids and text of a prompt (text or chat messages), with the chat template when asked and present.
+
+    The ids start exactly as the tokenizer starts a text (its BOS, if it adds one), once: a chat
+    template that writes the BOS itself does not get a second one."""
     if isinstance(prompt, list):  # chat messages
         text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     elif chat_template and getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template([{"role": "user", "content": str(prompt)}], tokenize=False, add_generation_prompt=True)
     else:
         text = str(prompt)
-    return tokenizer(text, add_special_tokens=False)["input_ids"], text
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    prefix = special_prefix(tokenizer)
+    if prefix and ids[: len(prefix)] != prefix:
+        ids = prefix + ids
+    return ids, text
 
 
-def load_prompts(cfg: DataConfig, tokenizer, seed: int = 0) -> PromptSet:
-    """Tokenize, drop (and count) over-long prompts, split off a held-out set."""
+def load_prompts(cfg: DataConfig, tokenizer, seed: int = 0, end_id: Optional[int] = None) -> PromptSet:
+    """Tokenize, drop (and count) over-long prompts, split off a held-out set.
+
+    Reference responses end with ``end_id`` (the id that closes an assistant turn, from the
+    generation contract; default the tokenizer's eos)."""
     examples = read_examples(cfg)
+    end_id = tokenizer.eos_token_id if end_id is None else end_id
     encoded, dropped = [], 0
     for i, ex in enumerate(examples):
         ids, text = encode_prompt(ex.prompt, tokenizer, cfg.chat_template)
@@ -165,7 +208,7 @@ def load_prompts(cfg: DataConfig, tokenizer, seed: int = 0) -> PromptSet:
             continue
         response_ids = None
         if ex.response is not None:
-            response_ids = tokenizer(str(ex.response), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            response_ids = tokenizer(str(ex.response), add_special_tokens=False)["input_ids"] + [end_id]
         encoded.append(EncodedExample(i, ids, response_ids, ex.answer, text))
     if not encoded:
         raise DataError(

@@ -39,12 +39,14 @@ def distinct_n(sequences: list[list[int]], n: int = 2) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
-def sample_stats(sample_tokens: list[list[int]], eos: int) -> dict[str, float]:
-    """distinct-2 (EOS left out), share of samples ending with EOS, and mean length of sampled responses."""
+def sample_stats(sample_tokens: list[list[int]], stop_ids) -> dict[str, float]:
+    """distinct-2 (stop ids left out), share of samples ending with a stop id (an int or the
+    generation contract's set), and mean length of sampled responses."""
+    stops = {stop_ids} if isinstance(stop_ids, int) else set(stop_ids)
     n = max(1, len(sample_tokens))
     return {
-        "distinct2": distinct_n([[t for t in s if t != eos] for s in sample_tokens]),
-        "eos_rate": sum(bool(s) and s[-1] == eos for s in sample_tokens) / n,
+        "distinct2": distinct_n([[t for t in s if t not in stops] for s in sample_tokens]),
+        "eos_rate": sum(bool(s) and s[-1] in stops for s in sample_tokens) / n,
         "mean_len": sum(map(len, sample_tokens)) / n,
     }
 
@@ -69,10 +71,11 @@ def rouge_l(candidate: str, reference: str) -> float:
 
 class Evaluator:
     def __init__(self, examples: list[EncodedExample], sampler, teacher, tokenizer, run_dir: Path,
-                 max_new_tokens: int, seed: int, samples_to_write: int = 8) -> None:
+                 max_new_tokens: int, seed: int, samples_to_write: int = 8, stop_ids=None) -> None:
         self.examples, self.sampler, self.teacher, self.tokenizer = examples, sampler, teacher, tokenizer
         self.run_dir, self.max_new_tokens, self.seed = run_dir, max_new_tokens, seed
         self.samples_to_write = samples_to_write
+        self.stop_ids = tuple(stop_ids) if stop_ids else (tokenizer.eos_token_id,)
         self.prompts = [e.prompt_ids for e in examples]
         self.indices = [e.index for e in examples]
         self._teacher_greedy: Optional[Rollout] = None
@@ -103,7 +106,7 @@ class Evaluator:
             "student_nll_on_teacher": mean_nll(coverage, teacher_greedy),
             "accuracy": sum(a == b for a, b in answers) / len(answers) if answers else float("nan"),
             "rouge_l": sum(rouge_l(g, t) for g, t in zip(greedy_text, teacher_text)) / max(1, len(greedy_text)),
-            **sample_stats(sample_tokens, self.tokenizer.eos_token_id),
+            **sample_stats(sample_tokens, self.stop_ids),
         }
         self._write_samples(step, [decode(t) for t in sample_tokens], greedy_text, teacher_text)
         return metrics

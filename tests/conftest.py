@@ -125,3 +125,25 @@ class LocalCluster:
                 pass
         psutil.wait_procs(mine, timeout=10)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def family_folder(tmp_path_factory):
+    """family_folder(name, seed=0, num_layers=2) -> an HF folder of a family fixture (tests/families.py), built once."""
+    from families import build
+
+    built = {}
+
+    def get(name: str, seed: int = 0, num_layers: int = 2) -> Path:
+        key = (name, seed, num_layers)
+        if key not in built:
+            built[key] = build(name, tmp_path_factory.mktemp(f"{name}-s{seed}-l{num_layers}"), seed, num_layers)
+        return built[key]
+
+    return get
+
+
+def family_recipe(tmp_path, student: Path, teacher: Path, *overrides, evaluate=False):
+    """The smoke recipe with a family fixture as student and teacher (fp32 unless overridden)."""
+    return smoke_recipe(tmp_path, f"student_model.path={student}", f"teacher_model.path={teacher}",
+                        "student_model.dtype=float32", "teacher_model.dtype=float32", *overrides, evaluate=evaluate)

@@ -349,3 +349,29 @@ def test_shape_mismatches_raise_clear_errors():
         TopKTeacher(torch.zeros(7, 3, dtype=torch.long), torch.zeros(7, 4))
     with pytest.raises(LossInputError, match="dld compares raw logits.*'topk' payload"):
         get_loss("dld")(z, topk_from_logits(t, 3), mask)
+
+
+def test_dld_gradient_is_finite_where_a_logit_is_minus_inf():
+    z, t, mask = _inputs(dtype=torch.float32)
+    t[0, 3] = float("-inf")
+    z = z.clone().requires_grad_(True)
+    value, _ = get_loss("dld")(z, t, mask)
+    (grad,) = torch.autograd.grad(value, z)
+    assert torch.isfinite(grad).all() and grad[0, 3] == 0
+
+
+def test_a_second_backward_through_a_retained_graph_adds_the_same_gradient():
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(6, 8, generator=g, requires_grad=True)
+    w = torch.randn(11, 8, generator=g, requires_grad=True)
+    value, _ = get_loss("csd")(h @ w.t(), torch.randn(6, 11, generator=g), torch.ones(6, dtype=torch.bool))
+    value.backward(retain_graph=True)
+    first = h.grad.clone()
+    value.backward()
+    assert torch.allclose(h.grad, 2 * first)
+    fused, _ = get_loss("csd").fused(h, w, torch.randn(6, 11, generator=g), torch.ones(6, dtype=torch.bool))
+    h.grad = None
+    fused.backward(retain_graph=True)
+    once = h.grad.clone()
+    (fused * 3).backward()
+    assert torch.allclose(h.grad, 4 * once)

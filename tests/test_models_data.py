@@ -190,3 +190,47 @@ def test_prompt_stream_is_deterministic_and_resumable():
     c.load_state(state)
     assert c.next_batch(9) == rest
     assert sorted(first + rest[:3]) == items
+
+
+# ---- the families' prompt and response conventions (issue 11) -------------------------------
+
+def test_a_trailing_assistant_turn_is_the_reference_response_not_prompt_text(tokenizer, tmp_path):
+    path = tmp_path / "chat.jsonl"
+    turns = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "2 + 2 = 4."}]
+    path.write_text(json.dumps({"messages": turns}) + "\n")
+    cfg = DataConfig(source=str(path), prompt_field="messages", eval_size=0)
+    (ex,) = load_prompts(cfg, tokenizer, end_id=tokenizer.eos_token_id).train
+    assert "2 + 2 = 4." not in ex.prompt_text and ex.prompt_text.endswith("<|im_start|>assistant\n")
+    assert tokenizer.decode(ex.response_ids) == "2 + 2 = 4." + tokenizer.eos_token
+
+
+@pytest.mark.parametrize("family, bos_count", [("llama3", 1), ("gemma2", 1), ("qwen2", 0)])
+def test_bos_is_added_exactly_as_the_tokenizer_adds_it(family_folder, family, bos_count):
+    from csd_ray.data import encode_prompt
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(family_folder(family))
+    for chat_template in (True, False):
+        ids, text = encode_prompt("What is 2 + 2?", tok, chat_template)
+        if bos_count:
+            assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1, (chat_template, ids[:4])
+            assert text.startswith(tok.bos_token) == chat_template  # the template writes it; plain text does not
+        elif not chat_template:  # a tokenizer that adds nothing gets nothing added
+            assert ids == tok("What is 2 + 2?", add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("family, end_token", [("llama3", "<|eot_id|>"), ("gemma2", "<end_of_turn>"), ("qwen2", "<|im_end|>")])
+def test_reference_responses_end_with_the_id_that_closes_an_assistant_turn(family_folder, tmp_path, family, end_token):
+    from transformers import AutoTokenizer
+
+    from csd_ray.generation import token_rules
+
+    folder = family_folder(family)
+    tok = AutoTokenizer.from_pretrained(folder)
+    rules = token_rules(tok, str(folder))
+    assert rules.end_of_response_id == tok.convert_tokens_to_ids(end_token) and end_token in tok.convert_ids_to_tokens(list(rules.stop_ids))
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"question": "q?", "reply": "a."}) + "\n")
+    cfg = DataConfig(source=str(path), response_field="reply", eval_size=0)
+    (ex,) = load_prompts(cfg, tok, end_id=rules.end_of_response_id).train
+    assert ex.response_ids[-1] == rules.end_of_response_id

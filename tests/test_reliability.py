@@ -38,6 +38,9 @@ def files(tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "long.jsonl").write_text(json.dumps({"question": "word " * 400}) + "\n")
     (tmp_path / "noprompt.jsonl").write_text(json.dumps({"text": "hi"}) + "\n")
+    (tmp_path / "blank.jsonl").write_text(json.dumps({"question": "ok?"}) + "\n" + json.dumps({"question": "  \n"}) + "\n")
+    (tmp_path / "blankchat.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": " "},
+                                                                      {"role": "assistant", "content": "4"}]}) + "\n")
     from csd_ray.config import ModelConfig
     from csd_ray.models import load_tokenizer
 
@@ -64,6 +67,11 @@ BAD_INPUTS = [
     ("empty data", SMOKE, ["data.source={d}/empty.jsonl"], ["the dataset is empty"]),
     ("prompts all too long", SMOKE, ["data.source={d}/long.jsonl"], ["all 1 prompts are longer than data.max_prompt_tokens"]),
     ("missing prompt field", SMOKE, ["data.source={d}/noprompt.jsonl"], ["no field 'question'", "fields: text"]),
+    ("vllm head size", SMOKE, ["sampler.backend=vllm", "student_model.tiny.num_heads=4"],
+     ["student_model.tiny.hidden_size", "head size", "= 16"]),
+    ("empty prompt", SMOKE, ["data.source={d}/blank.jsonl"], ["blank.jsonl:2: 'question' is empty"]),
+    ("empty chat prompt", SMOKE, ["data.source={d}/blankchat.jsonl", "data.prompt_field=messages"],
+     ["blankchat.jsonl:1: 'messages' has no non-empty message"]),
     ("incompatible checkpoint", SMOKE, ["run.output_dir={d}/other_run"], ["incompatible run", "tiny"]),
     ("resume=never over checkpoints", SMOKE, ["run.output_dir={d}/finished_run", "run.resume=never"], ["already holds checkpoints"]),
     ("resume path not a checkpoint", SMOKE, ["run.resume={d}/not_a_checkpoint"], ["not a complete csd_ray checkpoint"]),

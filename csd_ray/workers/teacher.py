@@ -8,30 +8,32 @@ import time
 import torch
 
 from csd_ray.config import Recipe
+from csd_ray.generation import SamplingSpec
+from csd_ray.logits import logit_transform, output_logits
 from csd_ray.losses import topk_from_logits
-from csd_ray.models import load_model, load_tokenizer
-from csd_ray.rollout import Rollout, TeacherOutput, row_offsets
-from csd_ray.workers.hf_generate import actor_info, configure_process, forward_hidden, hf_generate, response_logprobs
+from csd_ray.rollout import Rollout, TeacherOutput, row_offsets, topk_extra_ids
+from csd_ray.workers.hf_generate import actor_info, configure_process, forward_hidden, hf_generate, load_role_model, response_logprobs
 
 
 class HFTeacher:
-    """Backend 'hf': one forward pass gives any payload (logits, top-k, hidden)."""
+    """Backend 'hf': one forward pass gives any payload (logits, top-k, hidden), on the role's device."""
 
     def __init__(self, recipe: Recipe, replica: int = 0) -> None:
         configure_process(recipe.teacher.placement.torch_threads())
         self.recipe, self.replica = recipe, replica
-        self.tokenizer = load_tokenizer(recipe.teacher_model)
-        self.model = load_model(recipe.teacher_model, self.tokenizer)
+        self.tokenizer, self.model, self.rules = load_role_model(
+            recipe.teacher_model, recipe.teacher.placement.num_gpus, "teacher")
 
     def ready(self) -> dict:
-        return actor_info(replica=self.replica)
+        return actor_info(replica=self.replica, device=str(self.model.device))
 
-    def lm_head(self) -> torch.Tensor:
-        """The teacher's output projection, held by trainers for the 'hidden' payload."""
+    def lm_head(self) -> tuple[torch.Tensor, dict]:
+        """The teacher's output projection (CPU) and its logit transform, held by trainers for the 'hidden' payload."""
         head = self.model.get_output_embeddings()
         if getattr(head, "bias", None) is not None:
             raise NotImplementedError("teachers whose lm_head has a bias are not supported by the hidden payload yet")
-        return head.weight.detach().clone()
+        transform = logit_transform(self.model.config)
+        return head.weight.detach().cpu().clone(), {"scale": transform.scale, "softcap": transform.softcap}
 
     def score(self, rollout: Rollout) -> TeacherOutput:
         t0 = time.perf_counter()
@@ -43,26 +45,22 @@ class HFTeacher:
     def _score(self, rollout: Rollout) -> TeacherOutput:
         cfg = self.recipe.teacher
         target = rollout.target_mask()
-        hidden = forward_hidden(self.model, rollout)[:, :-1][target]
+        hidden = forward_hidden(self.model, rollout)[:, :-1][target.to(self.model.device)]
         offsets = row_offsets(target)
-        if cfg.payload == "hidden":
-            return TeacherOutput("hidden", {"hidden": hidden.contiguous()}, offsets)
-        logits = self.model.get_output_embeddings()(hidden)
+        if cfg.payload == "hidden":  # shipped in the teacher's dtype; the trainer upcasts per chunk
+            return TeacherOutput("hidden", {"hidden": hidden.contiguous().cpu()}, offsets)
+        logits = output_logits(self.model, hidden)
         if cfg.payload == "logits":
-            return TeacherOutput("logits", {"logits": logits.contiguous()}, offsets)
-        extra = None
-        if rollout.student_topk_ids is not None:
-            extra = rollout.student_topk_ids[:, 1:][target]
-        signal = topk_from_logits(logits, cfg.topk, extra_ids=extra)
-        return TeacherOutput("topk", {"ids": signal.ids, "logprobs": signal.logprobs}, offsets)
+            return TeacherOutput("logits", {"logits": logits.contiguous().cpu()}, offsets)
+        signal = topk_from_logits(logits[:, : self.rules.vocab_size], cfg.topk,
+                                  extra_ids=topk_extra_ids(rollout).to(logits.device))
+        return TeacherOutput("topk", {"ids": signal.ids.cpu(), "logprobs": signal.logprobs.cpu()}, offsets)
 
     def generate(self, prompts: list[list[int]], prompt_indices: list[int], max_new_tokens: int, seed: int,
                  greedy: bool = False, temperature: float = 1.0) -> Rollout:
         t0 = time.perf_counter()
-        rollout = hf_generate(
-            self.model, prompts, pad_id=self.tokenizer.pad_token_id, eos_id=self.tokenizer.eos_token_id,
-            max_new_tokens=max_new_tokens, temperature=temperature, top_p=1.0, seed=seed, greedy=greedy,
-        )
+        spec = SamplingSpec(max_new_tokens, temperature, 1.0, 0, greedy, seed)
+        rollout = hf_generate(self.model, prompts, spec, self.rules)
         rollout.prompt_indices = list(prompt_indices)
         rollout.sampled_logprobs = None  # teacher log-probs are not the student's
         rollout.source = "teacher"
@@ -71,4 +69,4 @@ class HFTeacher:
 
     def token_logprobs(self, rollout: Rollout) -> torch.Tensor:
         """Log-prob of every response token under this model (evaluation NLLs)."""
-        return response_logprobs(self.model, rollout)
+        return response_logprobs(self.model, rollout, self.rules.vocab_size)

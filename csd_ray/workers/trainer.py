@@ -19,10 +19,11 @@ import torch
 import torch.distributed as dist
 
 from csd_ray.config import Recipe
+from csd_ray.devices import process_group_backend, role_device
+from csd_ray.logits import LogitTransform, logit_transform, verify_logits
 from csd_ray.losses import get_loss
-from csd_ray.models import decoder_layers, load_model, load_tokenizer, position_ids
+from csd_ray.models import decoder_layers, dtype_of, load_model, load_tokenizer, position_ids
 from csd_ray.rollout import Rollout, TeacherOutput, concat_rollouts
-from csd_ray.weight_sync import HostWeights
 from csd_ray.workers.hf_generate import actor_info, configure_process
 
 
@@ -33,9 +34,10 @@ class StaleRollout(RuntimeError):
 class StudentLoss(torch.nn.Module):
     """Student + loss as one module, so FSDP2 unshards the lm_head for the fused loss."""
 
-    def __init__(self, model, loss) -> None:
+    def __init__(self, model, loss, vocab_size: int) -> None:
         super().__init__()
-        self.model, self.loss = model, loss
+        self.model, self.loss, self.vocab_size = model, loss, vocab_size
+        self.transform = logit_transform(model.config)  # the logits contract (csd_ray.logits)
 
     def hidden_rows(self, rollout: Rollout) -> torch.Tensor:
         out = self.model.get_decoder()(
@@ -55,10 +57,10 @@ class StudentLoss(torch.nn.Module):
         hidden = self.hidden_rows(rollout)
         head = self.model.get_output_embeddings()
         if teacher is None:
-            return head(hidden).float()
+            return self.transform(head(hidden)).float()
         weights = torch.full((hidden.shape[0],), rollout.loss_weight, device=hidden.device)
-        return self.loss.fused(hidden, head.weight, teacher.signal(teacher_lm_head), weights,
-                               student_bias=head.bias, normalizer=normalizer)
+        return self.loss.fused(hidden, head.weight, teacher.signal(*(teacher_lm_head or (None, None))), weights,
+                               student_bias=head.bias, normalizer=normalizer, student_transform=self.transform)
 
 
 def free_port(host: str) -> int:
@@ -80,7 +82,7 @@ class TrainerRank:
     def __init__(self, recipe: Recipe, rank: int, world_size: int) -> None:
         configure_process(recipe.trainer.placement.torch_threads())
         self.recipe, self.rank, self.world_size = recipe, rank, world_size
-        self.teacher_lm_head: Optional[torch.Tensor] = None
+        self.teacher_lm_head: Optional[tuple[torch.Tensor, LogitTransform]] = None
         self.version = 0
 
     # ---- setup ---------------------------------------------------------------------------
@@ -94,26 +96,31 @@ class TrainerRank:
         return actor_info(rank=self.rank)
 
     def init_group(self, master_addr: str, master_port: int) -> None:
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         cfg = self.recipe.trainer
-        uses_gpu = cfg.placement.num_gpus > 0 and torch.cuda.is_available()
-        backend = cfg.backend if cfg.backend != "auto" else ("nccl" if uses_gpu else "gloo")
-        self.device = torch.device("cuda", torch.cuda.current_device()) if uses_gpu else torch.device("cpu")
+        self.device = role_device(cfg.placement.num_gpus, f"trainer rank {self.rank}")
+        backend = process_group_backend(cfg.backend, self.device)
         if master_addr.startswith("127.") and backend == "gloo":
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # a loopback group stays on loopback
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
         dist.init_process_group(
             backend, init_method=f"tcp://{master_addr}:{master_port}", rank=self.rank,
-            world_size=self.world_size, timeout=timedelta(minutes=10),
+            world_size=self.world_size, timeout=timedelta(minutes=10), device_id=self.device if backend == "nccl" else None,
         )
         self.tokenizer = load_tokenizer(self.recipe.student_model)
+        # Master weights are fp32 whatever the student's dtype; `param_dtype` sets the compute dtype.
         model = load_model(self.recipe.student_model, self.tokenizer, dtype="float32").train()
+        verify_logits(model, f"student model '{self.recipe.student_model.path}'")
         self._losses: dict = {}
         loss = get_loss(cfg.loss.name, vocab_size=len(self.tokenizer), chunk_size=cfg.loss.chunk_size or None, **cfg.loss.params)
-        self.module = StudentLoss(model, loss).to(self.device)
+        self.module = StudentLoss(model, loss, len(self.tokenizer)).to(self.device)
+        # bf16/fp16 compute with fp32 gradient reduction and fp32 master weights (FSDP2's mixed precision).
+        mp = MixedPrecisionPolicy(param_dtype=dtype_of(cfg.param_dtype), reduce_dtype=torch.float32)
         for layer in decoder_layers(model):
-            fully_shard(layer)
-        fully_shard(self.module)
+            fully_shard(layer, mp_policy=mp)
+        fully_shard(self.module, mp_policy=mp)
         lr = self.recipe.stage_at(0).lr
         self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
         total = self.recipe.run.steps
@@ -121,8 +128,10 @@ class TrainerRank:
             self.optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total, cfg.lr_schedule)
         )
 
-    def set_teacher_lm_head(self, weight: torch.Tensor) -> None:
-        self.teacher_lm_head = weight.to(self.device, torch.float32)
+    def set_teacher_lm_head(self, head: tuple[torch.Tensor, dict]) -> None:
+        """The teacher's lm_head ``[V, d]`` (kept in fp32 on this rank's device) and its logit transform."""
+        weight, transform = head
+        self.teacher_lm_head = (weight.to(self.device, torch.float32), LogitTransform(**transform))
 
     # ---- training ------------------------------------------------------------------------
     def _my_share(self, rollout: Rollout, teacher: TeacherOutput) -> tuple[Rollout, TeacherOutput]:
@@ -140,6 +149,11 @@ class TrainerRank:
             self.module.loss = self._losses[key]
         if lr is not None:
             self.scheduler.base_lrs = [lr for _ in self.scheduler.base_lrs]
+            # The scheduler set this step's lr from the previous base: apply the stage's now, or a
+            # stage's lr would take effect one step late.
+            factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr * factor
 
     def train_step(self, groups: list[tuple[list, list, float]], loss: Optional[dict] = None,
                    lr: Optional[float] = None, min_rollout_version: Optional[int] = None) -> dict:
@@ -149,7 +163,6 @@ class TrainerRank:
         computed (a sampler that restarted samples with its initial weights)."""
         import ray
 
-        self._use(loss, lr)
         t0 = time.perf_counter()
         batches = []
         for rollout_refs, teacher_refs, loss_weight in groups:
@@ -159,11 +172,17 @@ class TrainerRank:
                                    f"older than the allowed v{min_rollout_version}")
             rollout.loss_weight = loss_weight
             batches.append((rollout, concat_teacher_outputs(ray.get(list(teacher_refs)))))
-        t_fetch = time.perf_counter() - t0
+        return self.train_on(batches, loss, lr, t_fetch=time.perf_counter() - t0)
+
+    def train_on(self, batches: list[tuple[Rollout, TeacherOutput]], loss: Optional[dict] = None,
+                 lr: Optional[float] = None, t_fetch: float = 0.0) -> dict:
+        """One optimizer step over fetched (rollout, teacher output) pairs; every rank sees the same batches."""
+        self._use(loss, lr)
+        t0 = time.perf_counter() - t_fetch
         total_tokens = sum(r.num_tokens() for r, _ in batches)
         # FSDP averages gradients over ranks: scale so the sum equals the global token mean.
         normalizer = max(total_tokens, 1) / self.world_size
-        loss_sum = torch.zeros((), dtype=torch.float64)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # NCCL reduces device tensors only
         mb = self.recipe.trainer.micro_batch_size
         for rollout, teacher in batches:
             mine, mine_teacher = self._my_share(rollout, teacher)
@@ -173,7 +192,7 @@ class TrainerRank:
                 part_teacher = mine_teacher.select(start, start + size).to(self.device)
                 value, _ = self.module(part, part_teacher, self.teacher_lm_head, normalizer)
                 value.backward()
-                loss_sum += value.detach().double().cpu()
+                loss_sum += value.detach().double()
         t_fwd_bwd = time.perf_counter() - t0 - t_fetch
         dist.all_reduce(loss_sum)
         loss_value = float(loss_sum) / self.world_size
@@ -181,7 +200,7 @@ class TrainerRank:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), clip if clip > 0 else float("inf"))
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
-        lr = self.scheduler.get_last_lr()[0]
+        lr = self.optimizer.param_groups[0]["lr"]  # the lr this step applies
         if finite:
             self.optimizer.step()
             self.version += 1
@@ -230,17 +249,20 @@ class TrainerRank:
         dist.barrier()
 
     # ---- weights out ---------------------------------------------------------------------
-    def full_state_dict(self) -> Optional[dict]:
-        """HF-named full state dict on rank 0 (CPU); None on other ranks. Collective."""
+    def full_state_dict(self, on_device: bool = False) -> Optional[dict]:
+        """HF-named full state dict on rank 0 (CPU, or this rank's device); None on other ranks. Collective."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        state = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        options = StateDictOptions(full_state_dict=True, cpu_offload=not on_device)
+        state = get_model_state_dict(self.module, options=options)
         if self.rank != 0:
             return None
         return {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
 
-    def host_weights(self) -> Optional[HostWeights]:
+    def host_weights(self):
         """The full state dict in the form the object store moves cheaply (rank 0). Collective."""
+        from csd_ray.weight_sync import HostWeights  # (lazily: Ray-free uses, e.g. scripts/gpu_check.py)
+
         state = self.full_state_dict()
         return HostWeights.from_state_dict(state) if state is not None else None
 
@@ -270,19 +292,24 @@ class TrainerRank:
             )
 
     def weight_metadata(self) -> tuple[list[str], list[str], list[list[int]]]:
-        """Names, dtypes and shapes of the full (HF-named) weights, in broadcast order."""
+        """Names, dtypes and shapes of the full (HF-named) weights, in broadcast order.
+
+        Weights travel in the sampler engine's dtype (student_model.dtype): a bf16 engine gets
+        half the bytes of the fp32 master weights and no per-tensor dtype conversion."""
         params = {k.removeprefix("model."): p for k, p in self.module.state_dict().items() if k.startswith("model.")}
         names = sorted(params)
-        return names, [str(params[n].dtype).removeprefix("torch.") for n in names], [list(params[n].shape) for n in names]
+        dtype = self.recipe.student_model.dtype
+        return names, [dtype] * len(names), [list(params[n].shape) for n in names]
 
     def broadcast_weights(self) -> None:
-        """Gather the full weights (all ranks) and broadcast them from rank 0 over NCCL."""
-        state = self.full_state_dict()
+        """Gather the full weights on the GPU (all ranks) and broadcast them from rank 0 over NCCL."""
+        state = self.full_state_dict(on_device=self.device.type == "cuda")
         if self.rank != 0:
             return
+        dtype = dtype_of(self.recipe.student_model.dtype)
         stream = torch.cuda.current_stream()
         for name in self.weight_metadata()[0]:
-            self.broadcaster.broadcast(state[name].to(self.device, non_blocking=True).contiguous(), src=0, stream=stream)
+            self.broadcaster.broadcast(state[name].to(self.device, dtype).contiguous(), src=0, stream=stream)
         stream.synchronize()
 
     def probe_logits(self, rollout: Rollout) -> Optional[torch.Tensor]:

@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 
 from csd_ray.config import Recipe
+from csd_ray.generation import SamplingSpec, TokenRules, cut_at_stop, token_rules, vllm_engine_kwargs, vllm_sampling_params
 from csd_ray.models import load_tokenizer, model_folder
 from csd_ray.rollout import Rollout, TeacherOutput, row_offsets
 from csd_ray.weight_sync import HostWeights
@@ -48,7 +49,7 @@ class WeightReceiver:
 
 
 def make_llm(folder: str, dtype: str, seed: int, max_model_len: int, gpu_memory_utilization: float,
-             nccl_weight_transfer: bool = False):
+             nccl_weight_transfer: bool = False, max_logprobs: int = 20):
     on_gpu = torch.cuda.is_available()
     if not on_gpu:
         for key, value in CPU_ENV.items():
@@ -58,6 +59,7 @@ def make_llm(folder: str, dtype: str, seed: int, max_model_len: int, gpu_memory_
     kwargs = dict(
         model=folder, tokenizer=folder, dtype=dtype, seed=seed, enforce_eager=not on_gpu,
         max_model_len=max_model_len, worker_extension_cls=f"{__name__}.WeightReceiver",
+        **vllm_engine_kwargs(max_logprobs),
     )
     if on_gpu:
         kwargs["gpu_memory_utilization"] = gpu_memory_utilization
@@ -96,31 +98,25 @@ def _max_len(recipe: Recipe) -> int:
     return recipe.data.max_prompt_tokens + max(recipe.batch.max_new_tokens, recipe.run.eval_max_new_tokens) + 8
 
 
-def vllm_generate(llm, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, seed: int, temperature: float,
-                  top_p: float, greedy: bool, student_topk: int) -> Rollout:
-    """One response per prompt, in the rollout layout; log-probs are the model's own (vLLM's raw log-probs)."""
-    from vllm import SamplingParams
+def vllm_generate(llm, rules: TokenRules, model_vocab: int, prompts: list[list[int]], spec: SamplingSpec,
+                  student_topk: int) -> Rollout:
+    """One response per prompt under the generation contract, in the rollout layout.
+
+    Log-probs are vLLM's processed ones (the distribution sampled from: vllm_engine_kwargs)."""
     from vllm.inputs import TokensPrompt
 
     t0 = time.perf_counter()
-    params = [
-        SamplingParams(n=1, max_tokens=max_new_tokens, temperature=0.0 if greedy else temperature,
-                       top_p=1.0 if greedy else top_p, seed=seed + i, logprobs=max(1, student_topk))
-        for i in range(len(prompts))
-    ]
+    params = vllm_sampling_params(spec, rules, model_vocab, len(prompts), logprobs=max(1, student_topk))
     outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
-    responses = [list(o.outputs[0].token_ids) for o in outputs]
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    ids, attn = left_pad(prompts, pad)
+    responses = [cut_at_stop(list(o.outputs[0].token_ids), rules) for o in outputs]
+    ids, attn = left_pad(prompts, rules.pad_id)
     width, r_len, b = ids.shape[1], max(1, max(len(r) for r in responses)), len(prompts)
-    seq = torch.cat([ids, torch.full((b, r_len), pad, dtype=torch.long)], 1)
+    seq = torch.cat([ids, torch.full((b, r_len), rules.pad_id, dtype=torch.long)], 1)
     attn = torch.cat([attn, torch.zeros(b, r_len, dtype=torch.long)], 1)
     resp = torch.zeros(b, width + r_len, dtype=torch.bool)
     sampled = torch.zeros(b, width + r_len)
     topk = torch.full((b, width + r_len, student_topk), -1, dtype=torch.long) if student_topk else None
     for i, (out, tokens) in enumerate(zip(outputs, responses)):
-        if eos in tokens:
-            tokens = tokens[: tokens.index(eos) + 1]
         n = len(tokens)
         seq[i, width : width + n] = torch.tensor(tokens, dtype=torch.long)
         attn[i, width : width + n] = 1
@@ -133,17 +129,26 @@ def vllm_generate(llm, tokenizer, prompts: list[list[int]], *, max_new_tokens: i
     return Rollout(seq, attn, resp, sampled, topk, seconds=time.perf_counter() - t0)
 
 
+def _engine(model_cfg, recipe: Recipe, seed: int, nccl: bool = False, max_logprobs: int = 20):
+    """(tokenizer, token rules, model vocabulary, LLM) of a vLLM role."""
+    from transformers import AutoConfig
+
+    tokenizer = load_tokenizer(model_cfg)
+    folder = model_folder(model_cfg, tokenizer)
+    llm = make_llm(folder, model_cfg.dtype, seed, _max_len(recipe), recipe.sampler.vllm_gpu_memory_utilization,
+                   nccl, max_logprobs)
+    config = AutoConfig.from_pretrained(folder)
+    return tokenizer, token_rules(tokenizer, folder), (getattr(config, "text_config", None) or config).vocab_size, llm
+
+
 class VLLMSampler:
     """Backend 'vllm' of the student sampler."""
 
     def __init__(self, recipe: Recipe, replica: int = 0) -> None:
         self.recipe, self.replica = recipe, replica
-        self.tokenizer = load_tokenizer(recipe.student_model)
-        folder = model_folder(recipe.student_model, self.tokenizer)
-        self.llm = make_llm(
-            folder, recipe.student_model.dtype, recipe.run.seed + replica, _max_len(recipe),
-            recipe.sampler.vllm_gpu_memory_utilization, recipe.sampler.weight_transfer == "nccl",
-        )
+        self.tokenizer, self.rules, self.model_vocab, self.llm = _engine(
+            recipe.student_model, recipe, recipe.run.seed + replica, recipe.sampler.weight_transfer == "nccl",
+            recipe.sampler.student_topk)
         self.version = 0
 
     def ready(self) -> dict:
@@ -152,8 +157,8 @@ class VLLMSampler:
     def generate(self, prompts: list[list[int]], prompt_indices: list[int], max_new_tokens: int, seed: int,
                  greedy: bool = False) -> Rollout:
         cfg = self.recipe.sampler
-        rollout = vllm_generate(self.llm, self.tokenizer, prompts, max_new_tokens=max_new_tokens, seed=seed,
-                                temperature=cfg.temperature, top_p=cfg.top_p, greedy=greedy, student_topk=cfg.student_topk)
+        spec = SamplingSpec(max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k, greedy, seed)
+        rollout = vllm_generate(self.llm, self.rules, self.model_vocab, prompts, spec, cfg.student_topk)
         rollout.weight_version, rollout.prompt_indices = self.version, list(prompt_indices)
         rollout.worker_pid = os.getpid()
         return rollout
@@ -194,10 +199,9 @@ class VLLMTeacher:
 
     def __init__(self, recipe: Recipe, replica: int = 0) -> None:
         self.recipe, self.replica = recipe, replica
-        self.tokenizer = load_tokenizer(recipe.teacher_model)
-        folder = model_folder(recipe.teacher_model, self.tokenizer)
-        self.llm = make_llm(folder, recipe.teacher_model.dtype, recipe.run.seed + 1000 + replica, _max_len(recipe),
-                            recipe.sampler.vllm_gpu_memory_utilization)
+        # max_logprobs from the recipe: vLLM's default cap (20) would refuse teacher.topk=64 at step 1.
+        self.tokenizer, self.rules, self.model_vocab, self.llm = _engine(
+            recipe.teacher_model, recipe, recipe.run.seed + 1000 + replica, max_logprobs=recipe.teacher.topk)
 
     ready = VLLMSampler.ready
 
@@ -230,8 +234,8 @@ class VLLMTeacher:
 
     def generate(self, prompts: list[list[int]], prompt_indices: list[int], max_new_tokens: int, seed: int,
                  greedy: bool = False, temperature: float = 1.0) -> Rollout:
-        rollout = vllm_generate(self.llm, self.tokenizer, prompts, max_new_tokens=max_new_tokens, seed=seed,
-                                temperature=temperature, top_p=1.0, greedy=greedy, student_topk=0)
+        spec = SamplingSpec(max_new_tokens, temperature, 1.0, 0, greedy, seed)
+        rollout = vllm_generate(self.llm, self.rules, self.model_vocab, prompts, spec, student_topk=0)
         rollout.sampled_logprobs, rollout.source, rollout.prompt_indices = None, "teacher", list(prompt_indices)
         rollout.worker_pid = os.getpid()
         return rollout

@@ -1,0 +1,76 @@
+"""The loop's promises over several steps (issue 11, point 8), read from metrics.jsonl and the weights."""
+
+import pytest
+import torch
+
+from conftest import smoke_recipe
+from csd_ray.controller import Controller, RunStopped
+from csd_ray.metrics import read_metrics
+
+
+class Recording(Controller):
+    """The real controller, also keeping the full student weights after every step."""
+
+    def __init__(self, *args, stop_after=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.weights, self.stop_after = [], stop_after
+
+    def _step(self, planned):
+        if self.stop_after is not None and self.step + 1 == self.stop_after:
+            self.stop_requested = "stop asked by the test"  # the SIGTERM/SIGINT path
+        super()._step(planned)
+        self.weights.append(self.trainers.call("parameters_vector")[0])
+
+
+def test_a_stages_learning_rate_applies_from_its_first_step(ray_session, tmp_path):
+    stages = "[{name: fast, steps: 2, lr: 1.0e-3}, {name: slow, steps: 2, lr: 1.0e-5}]"
+    recipe = smoke_recipe(tmp_path, f"stages={stages}", "run.steps=4", "trainer.grad_clip=0")
+    controller = Recording(recipe, log=lambda m: None)
+    controller.run()
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["lr"] for r in records] == [1e-3, 1e-3, 1e-5, 1e-5]
+    w = controller.weights  # w[i]: after step i + 1
+    step3 = (w[2] - w[1]).abs().max()
+    step2 = (w[1] - w[0]).abs().max()
+    # Adam moves each weight by about lr per step: step 3 (lr 1e-5) moves ~100x less than step 2 (lr 1e-3).
+    assert step3 < 0.05 * step2, (float(step3), float(step2))
+
+
+def test_async_run_with_skipped_steps_stops_cleanly_with_exit_3(ray_session, tmp_path):
+    """max_staleness + 1 skipped (non-finite) steps used to end in IndexError: the bound counted step indices."""
+    recipe = smoke_recipe(tmp_path, "run.mode=async", "run.max_staleness=1", "trainer.lr=1e30", "trainer.grad_clip=0",
+                          "run.steps=6", "run.max_nonfinite_steps=3")
+    with pytest.raises(RunStopped, match="3 steps in a row had a non-finite loss") as stop:
+        Controller(recipe, log=lambda m: None).run()
+    assert stop.value.exit_code == 3
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["skipped_nonfinite"] for r in records] == [False, True, True, True]
+    assert all(r["staleness"] <= 1 for r in records)
+
+
+def test_async_run_survives_skipped_steps_and_finishes(ray_session, tmp_path):
+    recipe = smoke_recipe(tmp_path, "run.mode=async", "run.max_staleness=1", "trainer.lr=1e30", "trainer.grad_clip=0",
+                          "run.steps=4", "run.max_nonfinite_steps=10")
+    Controller(recipe, log=lambda m: None).run()
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert [r["weight_version"] for r in records] == [1, 1, 1, 1]
+
+
+def test_a_resumed_run_with_replay_trains_the_same_data_and_weights(ray_session, tmp_path):
+    common = ["run.steps=6", "batch.replay.capacity=3", "batch.replay.probability=0.5", "run.seed=1"]
+    straight = Recording(smoke_recipe(tmp_path / "straight", *common), log=lambda m: None)
+    straight.run()
+    interrupted = Recording(smoke_recipe(tmp_path / "resumed", *common), log=lambda m: None, stop_after=3)
+    with pytest.raises(RunStopped):
+        interrupted.run()
+    resumed = Recording(smoke_recipe(tmp_path / "resumed", *common), log=lambda m: None)
+    resumed.run()
+    assert resumed.resumed_from is not None and resumed.resumed_from.name == "step_000003"
+    a = read_metrics(tmp_path / "straight" / "metrics.jsonl")
+    b = read_metrics(tmp_path / "resumed" / "metrics.jsonl")
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    assert any(r["replayed"] for r in a[3:]), "seed 1 replays after the resume point"
+    for x, y in zip(a, b):
+        assert (x["replayed"], x["rollout_ids"], x["tokens"]) == (y["replayed"], y["rollout_ids"], y["tokens"]), x["step"]
+    assert torch.allclose(straight.weights[-1], resumed.weights[-1], atol=1e-6, rtol=0)
