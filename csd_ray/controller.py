@@ -30,6 +30,7 @@ from csd_ray.models import check_same_tokenizer, load_tokenizer, resolve
 from csd_ray.placement import plan
 from csd_ray.rollout import rollout_from_tokens
 from csd_ray.schema import to_dict
+from csd_ray.storage import check_shared_output_dir
 from csd_ray.weight_sync import make_transfer
 from csd_ray.workers.group import TrainerGroup
 
@@ -137,6 +138,7 @@ class Controller:
             "teacher": ray.get([a.ready.remote() for a in self.teachers]),
         }
         self._start_trainers()
+        check_shared_output_dir(self.run_dir, self.trainers.ranks)  # before any checkpoint is split over disks
         if resume is not None:
             self._restore(resume)
         self.metrics = MetricsLogger(r, self.run_dir, r.run.steps, self.step)
