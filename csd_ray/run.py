@@ -11,11 +11,10 @@ import os
 import sys
 from typing import Optional
 
-# Ray on this machine kind must bind loopback and must not phone home (DESIGN §6).
+# Quieter defaults only. Ray's authentication (RAY_AUTH_MODE) and binding are the cluster's to
+# decide and are never set here; a local run binds 127.0.0.1 through ray.init (connect_ray).
 for _key, _value in {
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_AUTH_MODE": "disabled",
     "TOKENIZERS_PARALLELISM": "false",
 }.items():
     os.environ.setdefault(_key, _value)
@@ -47,6 +46,8 @@ def connect_ray(recipe: Recipe) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
     else:
+        # A private single-machine Ray: every listener on loopback, no dashboard. Ray's own default
+        # (token authentication for a new local cluster) applies unless RAY_AUTH_MODE says otherwise.
         ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1")
 
 

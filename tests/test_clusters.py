@@ -137,6 +137,22 @@ def test_kuberay_manifests_have_the_required_fields():
     yaml.safe_load(job["spec"]["runtimeEnvYAML"])
 
 
+def _uses_the_token(env: list) -> bool:
+    by_name = {e["name"]: e for e in env}
+    secret = by_name.get("RAY_AUTH_TOKEN", {}).get("valueFrom", {}).get("secretKeyRef", {})
+    return by_name.get("RAY_AUTH_MODE", {}).get("value") == "token" and secret == {"name": "csd-ray-auth", "key": "auth_token"}
+
+
+def test_kuberay_pods_start_ray_with_token_authentication():
+    spec = yaml.safe_load((KUBERAY / "raycluster.yaml").read_text())["spec"]
+    groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    containers = [c for g in groups for c in g["template"]["spec"]["containers"]]
+    assert containers and all(_uses_the_token(c.get("env", [])) for c in containers)
+    assert _uses_the_token(spec["autoscalerOptions"].get("env", []))
+    submitter = yaml.safe_load((KUBERAY / "rayjob.yaml").read_text())["spec"]["submitterPodTemplate"]
+    assert _uses_the_token(submitter["spec"]["containers"][0]["env"])
+
+
 def test_rayjob_entrypoint_names_a_recipe_that_exists_and_validates():
     job = yaml.safe_load((KUBERAY / "rayjob.yaml").read_text())
     argv = shlex.split(job["spec"]["entrypoint"])
