@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from csd_ray.schema import ConfigError, Located, apply_override, build, load_yaml
+from csd_ray.schema import ConfigError, Located, apply_override, build, load_yaml, resolve_references, to_dict
 
 
 @dataclass
@@ -512,8 +512,10 @@ class Recipe:
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read, override, build and validate a recipe; raise ConfigError on the first problem."""
     data, located = load_yaml(Path(path))
+    defaults = to_dict(Recipe())
     for override in overrides:
-        apply_override(data, located, override)
+        apply_override(data, located, override, defaults)
+    resolve_references(data, located, defaults)
     recipe = build(Recipe, data, located)
     recipe.validate(located)
     return recipe
@@ -525,8 +527,10 @@ def recipe_from_dict(data: dict[str, Any], overrides: list[str] | tuple[str, ...
 
     data = copy.deepcopy(data)
     located = Located("<recipe>")
+    defaults = to_dict(Recipe())
     for override in overrides:
-        apply_override(data, located, override)
+        apply_override(data, located, override, defaults)
+    resolve_references(data, located, defaults)
     recipe = build(Recipe, data, located)
     recipe.validate(located)
     return recipe

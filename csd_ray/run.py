@@ -30,12 +30,32 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m csd_ray.run",
         description="On-policy distillation with Concrete Score Distillation on Ray.",
+        epilog=_recipe_help(), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("recipe", help="recipe YAML (see recipes/)")
-    parser.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. run.steps=20 trainer.lr=1e-5")
+    parser.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. run.steps=20 trainer.lr=1e-5 "
+                        "stages.1.steps=50 'run.output_dir=runs/${run.name}'")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved recipe and placement plan, then exit")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     return parser.parse_intermixed_args(argv)
+
+
+def _recipe_help() -> str:
+    """The recipe's sections (from the config docstrings) and how overrides address keys."""
+    from csd_ray.schema import field_docs
+
+    docs = field_docs(Recipe)
+    lines = ["recipe sections (each key can be overridden as section.key=value):"]
+    lines += [f"  {name:15s} {doc}" for name, doc in docs.items()]
+    lines += [
+        "",
+        "overrides: values are YAML (trainer.lr=1e-5, sampler.placement.resources={node_a: 1}); a number",
+        "indexes a list (stages.1.steps=50, batch.sources.0.probability=0.5); ${section.key} refers to",
+        "another key (run.output_dir=runs/${run.name}; quote it in a shell).",
+        "every key, its type, default and meaning: the 'Recipe reference' section of README.md",
+        "(python scripts/recipe_reference.py prints it); --dry-run shows the resolved recipe.",
+    ]
+    return "\n".join(lines)
 
 
 def connect_ray(recipe: Recipe) -> None:
