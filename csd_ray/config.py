@@ -301,6 +301,19 @@ class WandbConfig:
 
 
 @dataclass
+class MlflowConfig:
+    """MLflow tracking (mlflow-skinny is installed with csd_ray)."""
+
+    enabled: bool = False
+    """Log params (the resolved recipe) and per-step metrics to MLflow."""
+    tracking_uri: str = ""
+    """Where: '' = a local file store in output_dir/mlruns (view it with `mlflow ui
+    --backend-store-uri <output_dir>/mlruns`), or a tracking server such as http://host:5000."""
+    experiment: str = "csd_ray"
+    """MLflow experiment; the run is named run.name."""
+
+
+@dataclass
 class RunConfig:
     """The run as a whole."""
 
@@ -343,6 +356,12 @@ class RunConfig:
     cluster: str = ""
     """Cluster config the recipe is sized for (clusters/*.yaml or a KubeRay manifest); --dry-run
     then shows how many nodes of each type it needs and whether they fit."""
+    tensorboard: bool = False
+    """Write TensorBoard event files to output_dir/tensorboard (`tensorboard --logdir <output_dir>`)."""
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    """MLflow logging."""
+    plot: bool = True
+    """Rewrite output_dir/metrics.png (loss, lr, held-out metrics by step) at each evaluation and at the end."""
 
 
 @dataclass

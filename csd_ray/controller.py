@@ -26,7 +26,7 @@ from csd_ray.config import Recipe, SourceConfig
 from csd_ray.data import PromptStream, load_prompts
 from csd_ray.evaluation import Evaluator, format_eval
 from csd_ray.metrics import MetricsLogger
-from csd_ray.models import check_same_tokenizer, load_tokenizer, resolve
+from csd_ray.models import SMOLLM2, check_same_tokenizer, load_tokenizer, model_folder, resolve
 from csd_ray.placement import plan
 from csd_ray.rollout import rollout_from_tokens
 from csd_ray.schema import to_dict
@@ -34,7 +34,9 @@ from csd_ray.storage import check_shared_output_dir
 from csd_ray.weight_sync import make_transfer
 from csd_ray.workers.group import TrainerGroup
 
-ACTOR_ENV = {"TOKENIZERS_PARALLELISM": "false", "TORCH_COMPILE_DISABLE": "1"}
+ACTOR_ENV = {"TOKENIZERS_PARALLELISM": "false", "TORCH_COMPILE_DISABLE": "1",
+             # Library progress bars (weight loading, shard writing) from N actors flood the log.
+             "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1"}
 
 
 class RunStopped(RuntimeError):
@@ -121,6 +123,11 @@ class Controller:
             self.log(f"data: dropped {self.prompts.dropped_too_long} prompts longer than {r.data.max_prompt_tokens} tokens")
         self.stream = PromptStream(self.prompts.train, seed=r.run.seed)
         self.log(f"data: {len(self.prompts.train)} training prompts, {len(self.prompts.eval)} held out")
+        for cfg in (r.student_model, r.teacher_model):
+            if cfg.path == SMOLLM2 or cfg.path.endswith(".gguf"):
+                # Convert the GGUF (and cut layers) once here: actors starting together would each
+                # convert it again. Hub models and folders load as they are.
+                model_folder(cfg)
         self.prepared = True
 
     def start(self) -> None:

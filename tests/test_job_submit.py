@@ -12,10 +12,18 @@ def test_ray_job_submit_runs_the_smoke_recipe(tmp_path):
         cluster.start_head(num_cpus=2)
         out = tmp_path / "run"
         proc = cluster.submit("python", "-m", "csd_ray.run", "recipes/smoke.yaml", "run.steps=2",
-                              f"run.output_dir={out}", working_dir=str(REPO))
+                              f"run.output_dir={out}", "run.tensorboard=true", "run.mlflow.enabled=true",
+                              working_dir=str(REPO))
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert "succeeded" in proc.stdout
         assert "final student:" in proc.stdout
+        # Captured logs (what `ray job logs` shows): one plain line per step, no redrawn bars,
+        # no library progress bars from the actors.
+        log = proc.stdout
+        assert [line.split(" stage=")[0] for line in log.splitlines() if line.startswith("step ")] == ["step 1/2", "step 2/2"]
+        assert "\r" not in log and "it/s]" not in log and "Writing model shards" not in log, log[-3000:]
+        assert list((out / "tensorboard").glob("events.out.tfevents.*")) and (out / "mlruns").is_dir()
+        assert (out / "metrics.png").read_bytes().startswith(b"\x89PNG")
         assert json.loads((out / "final" / "config.json").read_text())["model_type"] == "llama"
         assert (out / "final" / "model.safetensors").exists()
         assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2]
