@@ -362,6 +362,14 @@ class RunConfig:
     """MLflow logging."""
     plot: bool = True
     """Rewrite output_dir/metrics.png (loss, lr, held-out metrics by step) at each evaluation and at the end."""
+    export_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """dtype of the weights in output_dir/final; auto = student_model.dtype (the trainers' fp32
+    master weights are cast once, at export)."""
+    push_to_hub: str = ""
+    """Hub repo id (e.g. 'me/csd-student') to upload final/ to at the end; '' = no upload. Needs a
+    Hub token (`hf auth login` or HF_TOKEN)."""
+    hub_private: bool = True
+    """Create the push_to_hub repo as private (an existing repo keeps its visibility)."""
 
 
 @dataclass

@@ -493,6 +493,15 @@ class Controller:
             lines += [f"{k:24s}{before[k]:10.3f}{after[k]:10.3f}" for k in before if k != "step"]
             self.metrics.message("held-out evaluation:\n" + "\n".join(lines))
         self.metrics.message(f"done: {self.step} steps; student written to {final}")
+        if self.recipe.run.push_to_hub:
+            from csd_ray.export import push_to_hub
+
+            try:
+                push_to_hub(final, self.recipe, log=self.metrics.message)
+            except Exception as exc:  # the Hub's errors (auth, network): the folder is safe on disk
+                raise RunStopped(f"upload to {self.recipe.run.push_to_hub} failed: {_first_line(exc)}; the student "
+                                 f"is in {final} (upload it with `hf upload {self.recipe.run.push_to_hub} {final}`)",
+                                 exit_code=5) from None
         return final
 
     def shutdown(self) -> None:
