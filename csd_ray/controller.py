@@ -160,7 +160,8 @@ class Controller:
     def _start_trainers(self) -> None:
         """The trainer group, with what it needs from the teacher, and the weight transfer bound to it."""
         r = self.recipe
-        self.trainers = TrainerGroup(r, {role.role: role for role in plan(r)}["trainer"], ACTOR_ENV)
+        self.trainers = TrainerGroup(r, {role.role: role for role in plan(r)}["trainer"], ACTOR_ENV,
+                                     name=ray_name(r, "trainer", first_actor="-0"))
         self.actor_info["trainer"] = self.trainers.info()
         self._write_actor_info()
         if r.teacher.payload == "hidden":
@@ -177,6 +178,7 @@ class Controller:
                 num_cpus=role.placement.num_cpus, num_gpus=role.placement.num_gpus,
                 resources=dict(role.placement.resources), runtime_env={"env_vars": ACTOR_ENV},
                 max_restarts=self.recipe.run.max_actor_restarts, max_task_retries=0,
+                name=ray_name(self.recipe, f"{role.role}-{i}"),
             ).remote(self.recipe, i)
             for i in range(role.replicas)
         ]
@@ -511,6 +513,23 @@ class Controller:
             self.trainers.shutdown()
         for actor in self.samplers + self.teachers:
             ray.kill(actor)
+
+
+def ray_name(recipe: Recipe, role: str, first_actor: str = "") -> str:
+    """Name of an actor or placement group in Ray (dashboard, `ray list actors`): csd_ray/<run>/<role>.
+
+    Names are scoped to the job's namespace, so two jobs running one recipe do not collide. Within
+    a job an actor killed a moment ago may still hold its name (a rebuilt trainer group, a second
+    run in one session): then ``#2``, ``#3``, ... is appended. ``first_actor``: the suffix of the
+    first actor named after this (a trainer group's rank 0 is ``<name>-0``)."""
+    base = f"csd_ray/{recipe.run.name}/{role}"
+    for k in range(1, 1000):
+        name = base if k == 1 else f"{base}#{k}"
+        try:
+            ray.get_actor(name + first_actor)
+        except ValueError:  # not taken
+            return name
+    return f"{base}#{time.time_ns()}"
 
 
 def _ping(actor, timeout: float) -> dict:

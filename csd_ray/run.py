@@ -60,15 +60,19 @@ def _recipe_help() -> str:
 
 def connect_ray(recipe: Recipe) -> None:
     import ray
+    from ray.job_config import JobConfig
 
     if ray.is_initialized():
         return
+    # The run's name in the job's metadata (next to what `ray job submit --metadata-json` set).
+    job_config = JobConfig(metadata={"csd_ray.run": recipe.run.name,
+                                                    "csd_ray.output_dir": recipe.run.output_dir})
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True, job_config=job_config)
     else:
         # A private single-machine Ray: every listener on loopback, no dashboard. Ray's own default
         # (token authentication for a new local cluster) applies unless RAY_AUTH_MODE says otherwise.
-        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1")
+        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", job_config=job_config)
 
 
 def check_cluster(recipe: Recipe) -> None:

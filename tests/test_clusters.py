@@ -188,6 +188,44 @@ def test_planner_counts_nodes_and_names_what_cannot_fit():
     assert any("a teacher actor needs" in p for p in nodes_needed(huge, types)[1])
 
 
+def test_planner_reads_kuberay_1_5_group_resources(tmp_path):
+    """KubeRay 1.5 lets a worker group declare Ray resources in a `resources` map instead of the
+    escaped JSON in rayStartParams; the plan must see them either way."""
+    manifest = yaml.safe_load((KUBERAY / "raycluster.yaml").read_text())
+    for group in manifest["spec"]["workerGroupSpecs"]:
+        custom = json.loads(json.loads(group["rayStartParams"].pop("resources")))
+        group["resources"] = {k: str(v) for k, v in custom.items()}
+    manifest["spec"]["workerGroupSpecs"][0]["resources"]["CPU"] = "43500m"
+    path = tmp_path / "raycluster-1.5.yaml"
+    path.write_text(yaml.safe_dump(manifest))
+    types = node_types(path)
+    assert types["gpu-train"]["resources"] == {"CPU": 90.0, "GPU": 8.0, "csd_train": 8.0}
+    assert types["gpu-infer"]["resources"] == {"CPU": 43.5, "GPU": 4.0, "csd_infer": 4.0}
+    recipe = load_recipe(REPO / "recipes" / "onpolicy.yaml")
+    assert nodes_needed(recipe, types) == ({"gpu-train": 1, "gpu-infer": 1}, [])
+
+
+def test_actors_and_placement_groups_carry_the_run_name_and_the_job_its_metadata(tmp_path, monkeypatch):
+    import ray
+
+    monkeypatch.delenv("CSD_RAY_AUTOSCALING", raising=False)
+    try:
+        code = main([str(REPO / "recipes" / "smoke.yaml"), f"run.output_dir={tmp_path}", "run.name=exp-7",
+                     "run.steps=1", "data.eval_size=0", "run.plot=false"])
+        assert code == 0
+        actors = json.loads((tmp_path / "actors.json").read_text())
+        assert [a["name"] for a in actors["sampler"]] == ["csd_ray/exp-7/sampler-0"]
+        assert [a["name"] for a in actors["teacher"]] == ["csd_ray/exp-7/teacher-0"]
+        assert [a["name"] for a in actors["trainer"]] == ["csd_ray/exp-7/trainer-0", "csd_ray/exp-7/trainer-1"]
+        groups = [g["name"] for g in ray.util.placement_group_table().values()]
+        assert groups == ["csd_ray/exp-7/trainer"]
+        jobs = ray._private.worker.global_worker.gcs_client.get_all_job_info()
+        (metadata,) = [dict(job.config.metadata) for job in jobs.values()]
+        assert metadata["csd_ray.run"] == "exp-7" and metadata["csd_ray.output_dir"] == str(tmp_path)
+    finally:
+        ray.shutdown()
+
+
 def test_unplaceable_recipe_fails_before_actors_start(capsys, monkeypatch, tmp_path):
     import ray
 
