@@ -65,8 +65,7 @@ def connect_ray(recipe: Recipe) -> None:
     if ray.is_initialized():
         return
     # The run's name in the job's metadata (next to what `ray job submit --metadata-json` set).
-    job_config = JobConfig(metadata={"csd_ray.run": recipe.run.name,
-                                                    "csd_ray.output_dir": recipe.run.output_dir})
+    job_config = JobConfig(metadata={"csd_ray.run": recipe.run.name, "csd_ray.output_dir": recipe.run.output_dir})
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True, job_config=job_config)
     else:
