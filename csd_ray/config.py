@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from csd_ray.schema import ConfigError, Located, apply_override, build, load_yaml
+from csd_ray.schema import ConfigError, Located, apply_override, build, load_yaml, resolve_references, to_dict
 
 
 #: Attention head sizes vLLM's CPU and GPU attention backends accept.
@@ -314,6 +314,19 @@ class WandbConfig:
 
 
 @dataclass
+class MlflowConfig:
+    """MLflow tracking (mlflow-skinny is installed with csd_ray)."""
+
+    enabled: bool = False
+    """Log params (the resolved recipe) and per-step metrics to MLflow."""
+    tracking_uri: str = ""
+    """Where: '' = a local file store in output_dir/mlruns (view it with `mlflow ui
+    --backend-store-uri <output_dir>/mlruns`), or a tracking server such as http://host:5000."""
+    experiment: str = "csd_ray"
+    """MLflow experiment; the run is named run.name."""
+
+
+@dataclass
 class RunConfig:
     """The run as a whole."""
 
@@ -356,6 +369,20 @@ class RunConfig:
     cluster: str = ""
     """Cluster config the recipe is sized for (clusters/*.yaml or a KubeRay manifest); --dry-run
     then shows how many nodes of each type it needs and whether they fit."""
+    tensorboard: bool = False
+    """Write TensorBoard event files to output_dir/tensorboard (`tensorboard --logdir <output_dir>`)."""
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    """MLflow logging."""
+    plot: bool = True
+    """Rewrite output_dir/metrics.png (loss, lr, held-out metrics by step) at each evaluation and at the end."""
+    export_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """dtype of the weights in output_dir/final; auto = student_model.dtype (the trainers' fp32
+    master weights are cast once, at export)."""
+    push_to_hub: str = ""
+    """Hub repo id (e.g. 'me/csd-student') to upload final/ to at the end; '' = no upload. Needs a
+    Hub token (`hf auth login` or HF_TOKEN)."""
+    hub_private: bool = True
+    """Create the push_to_hub repo as private (an existing repo keeps its visibility)."""
 
 
 @dataclass
@@ -536,8 +563,10 @@ class Recipe:
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read, override, build and validate a recipe; raise ConfigError on the first problem."""
     data, located = load_yaml(Path(path))
+    defaults = to_dict(Recipe())
     for override in overrides:
-        apply_override(data, located, override)
+        apply_override(data, located, override, defaults)
+    resolve_references(data, located, defaults)
     recipe = build(Recipe, data, located)
     recipe.validate(located)
     return recipe
@@ -549,8 +578,10 @@ def recipe_from_dict(data: dict[str, Any], overrides: list[str] | tuple[str, ...
 
     data = copy.deepcopy(data)
     located = Located("<recipe>")
+    defaults = to_dict(Recipe())
     for override in overrides:
-        apply_override(data, located, override)
+        apply_override(data, located, override, defaults)
+    resolve_references(data, located, defaults)
     recipe = build(Recipe, data, located)
     recipe.validate(located)
     return recipe

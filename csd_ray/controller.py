@@ -28,10 +28,11 @@ from csd_ray.data import PromptStream, load_prompts
 from csd_ray.devices import actor_env
 from csd_ray.evaluation import Evaluator, format_eval
 from csd_ray.metrics import MetricsLogger
-from csd_ray.models import check_same_tokenizer, load_tokenizer, preflight, resolve
+from csd_ray.models import SMOLLM2, check_same_tokenizer, load_tokenizer, model_folder, preflight, resolve
 from csd_ray.placement import plan
 from csd_ray.rollout import rollout_from_tokens
 from csd_ray.schema import to_dict
+from csd_ray.storage import check_shared_output_dir
 from csd_ray.weight_sync import make_transfer
 from csd_ray.workers.group import TrainerGroup
 
@@ -115,6 +116,11 @@ class Controller:
         self.tokenizer = load_tokenizer(r.student_model)
         teacher_tokenizer = load_tokenizer(r.teacher_model)
         check_same_tokenizer(self.tokenizer, teacher_tokenizer, r.student_model.path, r.teacher_model.path)
+        for cfg in (r.student_model, r.teacher_model):
+            if cfg.path == SMOLLM2 or cfg.path.endswith(".gguf"):
+                # Convert the GGUF (and cut layers) once here: actors starting together would each
+                # convert it again. Hub models and folders load as they are.
+                model_folder(cfg)
         self.rules = preflight(r.student_model, self.tokenizer, "student_model")
         preflight(r.teacher_model, teacher_tokenizer, "teacher_model")
         self.prompts = load_prompts(r.data, self.tokenizer, seed=r.run.seed, end_id=self.rules.end_of_response_id)
@@ -139,6 +145,7 @@ class Controller:
             "teacher": ray.get([a.ready.remote() for a in self.teachers]),
         }
         self._start_trainers()
+        check_shared_output_dir(self.run_dir, self.trainers.ranks)  # before any checkpoint is split over disks
         if resume is not None:
             self._restore(resume)
         self.metrics = MetricsLogger(r, self.run_dir, r.run.steps, self.step)
@@ -155,7 +162,7 @@ class Controller:
         """The trainer group, with what it needs from the teacher, and the weight transfer bound to it."""
         r = self.recipe
         self.trainers = TrainerGroup(r, {role.role: role for role in plan(r)}["trainer"],
-                                     actor_env(r.trainer.placement.num_gpus))
+                                     actor_env(r.trainer.placement.num_gpus), name=ray_name(r, "trainer", first_actor="-0"))
         self.actor_info["trainer"] = self.trainers.info()
         self._write_actor_info()
         if r.teacher.payload == "hidden":  # (weight, logit transform) of the teacher's output layer
@@ -173,6 +180,7 @@ class Controller:
                 resources=dict(role.placement.resources),
                 runtime_env={"env_vars": actor_env(role.placement.num_gpus)},
                 max_restarts=self.recipe.run.max_actor_restarts, max_task_retries=0,
+                name=ray_name(self.recipe, f"{role.role}-{i}"),
             ).remote(self.recipe, i)
             for i in range(role.replicas)
         ]
@@ -521,6 +529,15 @@ class Controller:
             lines += [f"{k:24s}{before[k]:10.3f}{after[k]:10.3f}" for k in before if k != "step"]
             self.metrics.message("held-out evaluation:\n" + "\n".join(lines))
         self.metrics.message(f"done: {self.step} steps; student written to {final}")
+        if self.recipe.run.push_to_hub:
+            from csd_ray.export import push_to_hub
+
+            try:
+                push_to_hub(final, self.recipe, log=self.metrics.message)
+            except Exception as exc:  # the Hub's errors (auth, network): the folder is safe on disk
+                raise RunStopped(f"upload to {self.recipe.run.push_to_hub} failed: {_first_line(exc)}; the student "
+                                 f"is in {final} (upload it with `hf upload {self.recipe.run.push_to_hub} {final}`)",
+                                 exit_code=5) from None
         return final
 
     def shutdown(self) -> None:
@@ -544,6 +561,23 @@ def _from_disk(planned: PlannedStep) -> PlannedStep:
     groups = [Group(g.source, [ray.put(r) for r in g.rollouts], [ray.put(t) for t in g.teacher], g.loss_weight,
                     g.rollout_id) for g in planned.groups]
     return PlannedStep(planned.index, groups, planned.max_new_tokens, planned.replayed, planned.stream_before)
+
+
+def ray_name(recipe: Recipe, role: str, first_actor: str = "") -> str:
+    """Name of an actor or placement group in Ray (dashboard, `ray list actors`): csd_ray/<run>/<role>.
+
+    Names are scoped to the job's namespace, so two jobs running one recipe do not collide. Within
+    a job an actor killed a moment ago may still hold its name (a rebuilt trainer group, a second
+    run in one session): then ``#2``, ``#3``, ... is appended. ``first_actor``: the suffix of the
+    first actor named after this (a trainer group's rank 0 is ``<name>-0``)."""
+    base = f"csd_ray/{recipe.run.name}/{role}"
+    for k in range(1, 1000):
+        name = base if k == 1 else f"{base}#{k}"
+        try:
+            ray.get_actor(name + first_actor)
+        except ValueError:  # not taken
+            return name
+    return f"{base}#{time.time_ns()}"
 
 
 def _ping(actor, timeout: float) -> dict:

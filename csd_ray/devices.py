@@ -42,7 +42,8 @@ def actor_env(num_gpus: float) -> dict[str, str]:
 
     ``TORCH_COMPILE_DISABLE`` keeps CPU actors from compiling (seconds of start-up for
     no gain at test sizes); GPU actors keep torch.compile, which vLLM's CUDA graphs rely on."""
-    env = {"TOKENIZERS_PARALLELISM": "false"}
+    # Library progress bars (weight loading, shard writing) from N actors flood captured logs.
+    env = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1"}
     if num_gpus == 0:
         env["TORCH_COMPILE_DISABLE"] = "1"
     return env

@@ -66,7 +66,8 @@ def live_node_types() -> dict[str, dict]:
 
 def node_types(cluster_file: str) -> dict[str, dict]:
     """{node type: {"resources": {...}, "max_workers": n}} of a Ray cluster-launcher YAML or a
-    KubeRay RayCluster/RayJob manifest (worker groups; GPUs from nvidia.com/gpu limits)."""
+    KubeRay RayCluster/RayJob manifest (worker groups; GPUs from nvidia.com/gpu limits; custom
+    resources from rayStartParams.resources and, KubeRay 1.5+, the group's `resources` map)."""
     import json
 
     import yaml
@@ -87,10 +88,19 @@ def node_types(cluster_file: str) -> dict[str, dict]:
         limits = group["template"]["spec"]["containers"][0].get("resources", {}).get("limits", {})
         resources = {"CPU": float(str(limits.get("cpu", 0))), "GPU": float(str(limits.get("nvidia.com/gpu", 0)))}
         custom = group.get("rayStartParams", {}).get("resources")
-        if custom:
+        if custom:  # every KubeRay version: an escaped JSON string passed to `ray start --resources`
             resources.update({k: float(v) for k, v in json.loads(json.loads(custom)).items()})
+        # KubeRay 1.5+: a group-level `resources` map (quantities as strings), which overrides
+        # what the container limits imply.
+        resources.update({k: _quantity(v) for k, v in (group.get("resources") or {}).items()})
         types[group["groupName"]] = {"resources": resources, "max_workers": group.get("maxReplicas", 0)}
     return types
+
+
+def _quantity(value) -> float:
+    """A Kubernetes-style quantity as Ray counts it: '8' -> 8, '500m' -> 0.5."""
+    text = str(value).strip()
+    return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
 
 
 def nodes_needed(recipe: Recipe, types: dict[str, dict]) -> tuple[dict[str, int], list[str]]:

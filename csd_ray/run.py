@@ -11,11 +11,10 @@ import os
 import sys
 from typing import Optional
 
-# Ray on this machine kind must bind loopback and must not phone home (DESIGN §6).
+# Quieter defaults only. Ray's authentication (RAY_AUTH_MODE) and binding are the cluster's to
+# decide and are never set here; a local run binds 127.0.0.1 through ray.init (connect_ray).
 for _key, _value in {
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_AUTH_MODE": "disabled",
     "TOKENIZERS_PARALLELISM": "false",
 }.items():
     os.environ.setdefault(_key, _value)
@@ -31,23 +30,48 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m csd_ray.run",
         description="On-policy distillation with Concrete Score Distillation on Ray.",
+        epilog=_recipe_help(), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("recipe", help="recipe YAML (see recipes/)")
-    parser.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. run.steps=20 trainer.lr=1e-5")
+    parser.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. run.steps=20 trainer.lr=1e-5 "
+                        "stages.1.steps=50 'run.output_dir=runs/${run.name}'")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved recipe and placement plan, then exit")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     return parser.parse_intermixed_args(argv)
 
 
+def _recipe_help() -> str:
+    """The recipe's sections (from the config docstrings) and how overrides address keys."""
+    from csd_ray.schema import field_docs
+
+    docs = field_docs(Recipe)
+    lines = ["recipe sections (each key can be overridden as section.key=value):"]
+    lines += [f"  {name:15s} {doc}" for name, doc in docs.items()]
+    lines += [
+        "",
+        "overrides: values are YAML (trainer.lr=1e-5, sampler.placement.resources={node_a: 1}); a number",
+        "indexes a list (stages.1.steps=50, batch.sources.0.probability=0.5); ${section.key} refers to",
+        "another key (run.output_dir=runs/${run.name}; quote it in a shell).",
+        "every key, its type, default and meaning: the 'Recipe reference' section of README.md",
+        "(python scripts/recipe_reference.py prints it); --dry-run shows the resolved recipe.",
+    ]
+    return "\n".join(lines)
+
+
 def connect_ray(recipe: Recipe) -> None:
     import ray
+    from ray.job_config import JobConfig
 
     if ray.is_initialized():
         return
+    # The run's name in the job's metadata (next to what `ray job submit --metadata-json` set).
+    job_config = JobConfig(metadata={"csd_ray.run": recipe.run.name, "csd_ray.output_dir": recipe.run.output_dir})
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True, job_config=job_config)
     else:
-        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1")
+        # A private single-machine Ray: every listener on loopback, no dashboard. Ray's own default
+        # (token authentication for a new local cluster) applies unless RAY_AUTH_MODE says otherwise.
+        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", job_config=job_config)
 
 
 def check_cluster(recipe: Recipe) -> None:

@@ -7,12 +7,14 @@ so that a bad value is reported as ``file:line: key.path: expected X, got Y``.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -107,8 +109,33 @@ def _load_one(path: Path) -> tuple[dict, Located]:
     return data, located
 
 
-def apply_override(data: dict, located: Located, override: str) -> None:
-    """Apply ``a.b.c=value`` (value parsed as YAML) to the raw recipe mapping."""
+def _canonical(parts: list[str]) -> str:
+    """['stages', '1', 'steps'] -> 'stages[1].steps' (how errors name list items)."""
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if part.isdigit() else (f".{part}" if out else part)
+    return out
+
+
+def _lookup(tree: Any, parts: list[str]) -> tuple[bool, Any]:
+    """(found, value) at a dotted path through mappings and (by index) lists."""
+    for part in parts:
+        if isinstance(tree, dict) and part in tree:
+            tree = tree[part]
+        elif isinstance(tree, list) and part.isdigit() and int(part) < len(tree):
+            tree = tree[int(part)]
+        else:
+            return False, None
+    return True, tree
+
+
+def apply_override(data: dict, located: Located, override: str, defaults: Optional[dict] = None) -> None:
+    """Apply ``a.b.c=value`` (value parsed as YAML) to the raw recipe mapping.
+
+    A numeric part indexes a list (``stages.1.steps=50``). A section or list the recipe leaves out
+    is first copied from ``defaults`` (the plain-data form of the default recipe), so
+    ``batch.sources.0.probability=0.5`` works on a recipe that never wrote ``batch.sources``.
+    """
     if "=" not in override:
         raise ConfigError(f"override '{override}' must look like key.path=value")
     key, _, raw = override.partition("=")
@@ -117,17 +144,94 @@ def apply_override(data: dict, located: Located, override: str) -> None:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
-    node = data
+    source = f"override {override!r}"
     parts = key.split(".")
-    for part in parts[:-1]:
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise ConfigError(f"cannot set '{key}': '{part}' is not a section", source=f"override {override!r}")
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        here = _canonical(parts[: i + 1])
+        if isinstance(node, list):
+            if not part.isdigit():
+                raise ConfigError(f"cannot set '{key}': '{_canonical(parts[:i])}' is a list; index it by number",
+                                  source=source)
+            if int(part) >= len(node):
+                raise ConfigError(f"cannot set '{key}': '{_canonical(parts[:i])}' has {len(node)} entries "
+                                  f"(indices 0-{len(node) - 1}), got index {part}", source=source)
+            child = node[int(part)]
+        else:
+            child = node.get(part)
+            if child is None:
+                found, default = _lookup(defaults or {}, parts[: i + 1])
+                child = copy.deepcopy(default) if found and isinstance(default, (dict, list)) else {}
+                node[part] = child
+        if not isinstance(child, (dict, list)):
+            raise ConfigError(f"cannot set '{key}': '{here}' is not a section or a list", source=source)
         node = child
-    node[parts[-1]] = value
-    located.where[key] = f"override {override!r}"
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"cannot set '{key}': '{_canonical(parts[:-1])}' has {len(node)} entries "
+                              f"(indices 0-{len(node) - 1})", source=source)
+        node[int(last)] = value
+    else:
+        node[last] = value
+    located.where[_canonical(parts)] = source
+
+
+_REFERENCE = re.compile(r"\$\{([^{}]*)\}")
+
+
+def resolve_references(data: dict, located: Located, defaults: Optional[dict] = None) -> None:
+    """Replace ``${section.key}`` in string values, in place, OmegaConf-style.
+
+    A value that is exactly one reference takes the referenced value with its type
+    (``eval_every: ${run.checkpoint_every}`` is an int); a reference inside a longer string is
+    pasted as text (``output_dir: runs/${run.name}``). References see the recipe after overrides,
+    then the defaults; chains resolve, cycles and unknown keys are refused with the key that holds
+    the reference. ``$${...}`` stays literal as ``${...}``.
+    """
+
+    def resolve(value: Any, key: str, stack: tuple[str, ...]) -> Any:
+        if isinstance(value, dict):
+            return {k: resolve(v, f"{key}.{k}" if key else str(k), stack) for k, v in value.items()}
+        if isinstance(value, list):
+            return [resolve(v, f"{key}[{i}]", stack) for i, v in enumerate(value)]
+        if not isinstance(value, str) or "${" not in value:
+            return value
+
+        def target(ref: str) -> Any:
+            ref = ref.strip()
+            parts = ref.replace("[", ".").replace("]", "").split(".")
+            if ref in stack:
+                raise located.error(key, f"'${{{ref}}}' refers back to itself ({' -> '.join(stack + (ref,))})")
+            for tree in (data, defaults or {}):
+                found, got = _lookup(tree, parts)
+                if found:
+                    return resolve(got, _canonical(parts), stack + (ref,))
+            known = sorted(located.where) + sorted(_paths(defaults or {}))
+            close = difflib.get_close_matches(ref, known, n=1, cutoff=0.6)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise located.error(key, f"'${{{ref}}}' names no recipe key{hint}")
+
+        escaped = value.replace("$${", "\0")
+        whole = _REFERENCE.fullmatch(escaped)
+        if whole:
+            return target(whole.group(1))
+        out = _REFERENCE.sub(lambda m: str(target(m.group(1))), escaped)
+        return out.replace("\0", "${")
+
+    resolved = resolve(data, "", ())
+    data.clear()
+    data.update(resolved)
+
+
+def _paths(tree: Any, prefix: str = "") -> list[str]:
+    if not isinstance(tree, dict):
+        return []
+    out = []
+    for k, v in tree.items():
+        path = f"{prefix}.{k}" if prefix else str(k)
+        out += [path, *_paths(v, path)]
+    return out
 
 
 def _type_name(tp: Any) -> str:

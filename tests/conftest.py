@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+# This test machine's settings (csd_ray itself sets none of them): Ray on loopback only, no
+# authentication between the tests' own processes (tests that need it start their own head).
 os.environ.update(
     RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
     RAY_USAGE_STATS_ENABLED="0",
@@ -51,7 +53,8 @@ class LocalCluster:
     stop every Ray on the machine.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, **env: str) -> None:
+        """``env``: variables for the head's processes on top of the test environment (e.g. RAY_AUTH_MODE)."""
         import tempfile
 
         self.temp_dir = tempfile.mkdtemp(prefix="csdray", dir="/tmp")  # short: unix socket paths
@@ -61,13 +64,14 @@ class LocalCluster:
         # test-only behaviour when it sees PYTEST_CURRENT_TEST).
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
         self.env["RAY_ADDRESS"] = ""
+        self.env.update(env)
 
-    def _ray(self, *args: str, timeout: int = 120):
+    def _ray(self, *args: str, timeout: int = 120, env: dict | None = None):
         import subprocess
         import sys
 
         ray_cli = str(Path(sys.executable).parent / "ray")
-        return subprocess.run([ray_cli, *args], env=self.env, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run([ray_cli, *args], env=env or self.env, capture_output=True, text=True, timeout=timeout)
 
     def start_head(self, num_cpus: int = 2) -> None:
         # Every port chosen free: the agents' defaults (e.g. 52365) may still be held by a Ray
@@ -96,13 +100,15 @@ class LocalCluster:
         detail = sorted(p.name for p in logs.glob("*agent*")) if logs.exists() else f"no {logs}"
         raise AssertionError(f"the Ray dashboard agent did not come up within {timeout} s ({log}; {detail})")
 
-    def submit(self, *entrypoint: str, working_dir: str, timeout: int = 600):
+    def submit(self, *entrypoint: str, working_dir: str | None = None, timeout: int = 600, env: dict | None = None):
+        """`ray job submit` from a shell with the head's environment, or ``env`` instead."""
         import time
 
         deadline = time.monotonic() + 60
+        options = [f"--working-dir={working_dir}"] if working_dir else []
         while True:
             proc = self._ray("job", "submit", f"--address=http://127.0.0.1:{self.dashboard_port}",
-                             f"--working-dir={working_dir}", "--", *entrypoint, timeout=timeout)
+                             *options, "--", *entrypoint, timeout=timeout, env=env)
             # Right after `ray start` the job agent may not be up yet; Ray says to try again.
             if "No available agent to submit job" not in proc.stdout + proc.stderr or time.monotonic() > deadline:
                 return proc

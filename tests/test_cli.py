@@ -45,6 +45,12 @@ def _write(tmp_path, text):
         ("run:\n  steps: 2\n", ["trainer.micro_batch_size=3"], ["override 'trainer.micro_batch_size=3'", "does not divide"]),
         ("run:\n  steps: 2\n", ["trainr.lr=1"], ["unknown key 'trainr'", "did you mean 'trainer'"]),
         ("run:\n  steps: 2\n", ["run.steps"], ["must look like key.path=value"]),
+        # list indices and ${...} references, refused clearly when they point nowhere
+        ("stages: [{steps: 2}, {steps: 2}]\n", ["stages.2.steps=5"], ["cannot set 'stages.2.steps'", "'stages' has 2 entries", "got index 2"]),
+        ("run:\n  steps: 2\n", ["stages.x.steps=5"], ["'stages' is a list; index it by number"]),
+        ("run:\n  steps: 2\n  name: a\n", ["run.output_dir=runs/${run.nme}"], ["run.output_dir", "'${run.nme}' names no recipe key", "did you mean 'run.name'"]),
+        ("run:\n  steps: 2\n  name: ${run.output_dir}\n  output_dir: ${run.name}\n", [], ["recipe.yaml:3", "refers back to itself"]),
+        ("run:\n  steps: 2\n", ["run.seed=${run.name}"], ["run.seed", "expected an integer, got 'csd'"]),
         # malformed YAML and missing files
         ("run:\n  steps: [1, 2\n", [], ["invalid YAML"]),
         ("- just\n- a list\n", [], ["a recipe must be a mapping"]),
@@ -82,3 +88,41 @@ def test_cli_exit_code_and_message_in_a_real_process(tmp_path):
     assert proc.returncode == 2
     assert "trainer.num_ranks: must be >= 1, got 0" in proc.stderr
     assert "Traceback" not in proc.stderr and "Started a local Ray" not in proc.stderr
+
+
+def test_overrides_index_lists_and_fill_in_default_lists():
+    from csd_ray.config import load_recipe
+
+    recipe = load_recipe(REPO / "recipes" / "local.yaml", ["stages.1.steps=50", "stages.0.lr=2e-4"])
+    assert [s.steps for s in recipe.stages] == [15, 50] and recipe.run.steps == 65
+    assert recipe.stages[0].lr == 2e-4
+    two = load_recipe(
+        REPO / "recipes" / "smoke.yaml",
+        ["batch.sources=[{kind: student, probability: 0.5}, {kind: teacher, probability: 0.5}]",
+         "batch.sources.0.probability=0.25", "batch.sources.1.probability=0.75"])
+    assert [(s.kind, s.probability) for s in two.batch.sources] == [("student", 0.25), ("teacher", 0.75)]
+    # smoke.yaml never writes batch.sources: the default list is indexed
+    default = load_recipe(REPO / "recipes" / "smoke.yaml", ["batch.sources.0.loss_weight=0.5"])
+    assert [(s.kind, s.probability, s.loss_weight) for s in default.batch.sources] == [("student", 1.0, 0.5)]
+
+
+def test_references_resolve_after_overrides_and_keep_types(tmp_path):
+    from csd_ray.config import load_recipe
+
+    path = _write(tmp_path, "run:\n  steps: 4\n  name: base\n  output_dir: runs/${run.name}/${trainer.num_ranks}\n"
+                            "  checkpoint_every: ${run.eval_every}\n  eval_every: 2\n"
+                            "trainer:\n  num_ranks: 2\n  lr: 1e-4\nstages: [{steps: 4, lr: '${trainer.lr}'}]\n")
+    recipe = load_recipe(path, ["run.name=exp7"])
+    assert recipe.run.output_dir == "runs/exp7/2"  # the override is seen; a default (num_ranks) too
+    assert recipe.run.checkpoint_every == 2 and isinstance(recipe.run.checkpoint_every, int)
+    assert recipe.stages[0].lr == 1e-4
+    literal = load_recipe(path, ["run.name=$${not.a.reference}"])
+    assert literal.run.name == "${not.a.reference}"
+
+
+def test_help_lists_the_sections_and_points_to_the_reference():
+    proc = subprocess.run([sys.executable, "-m", "csd_ray.run", "--help"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0
+    for section in ("run", "teacher_model", "student_model", "data", "batch", "sampler", "teacher", "trainer", "stages"):
+        assert f"\n  {section} " in proc.stdout, section
+    assert "Recipe reference" in proc.stdout and "stages.1.steps=50" in proc.stdout

@@ -1,5 +1,6 @@
 """The README's recipe reference matches the config dataclasses; every shipped recipe validates."""
 
+import os
 import subprocess
 import sys
 
@@ -10,8 +11,10 @@ from csd_ray.config import load_recipe
 
 
 def test_readme_recipe_reference_is_current():
+    # PYTHONPATH: this checkout's csd_ray, not whichever one is pip-installed.
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
     ref = subprocess.run([sys.executable, str(REPO / "scripts" / "recipe_reference.py")], capture_output=True,
-                         text=True, check=True).stdout
+                         text=True, check=True, env=env).stdout
     assert ref.strip() in (REPO / "README.md").read_text(), "regenerate: python scripts/recipe_reference.py"
 
 

@@ -14,9 +14,10 @@ from csd_ray.workers.trainer import TrainerRank
 
 
 class TrainerGroup:
-    def __init__(self, recipe: Recipe, role: RolePlan, env: dict[str, str]) -> None:
+    def __init__(self, recipe: Recipe, role: RolePlan, env: dict[str, str], name: str = "") -> None:
+        """``name``: the placement group's name in Ray; rank i's actor is named ``{name}-{i}``."""
         self.recipe, self.world_size = recipe, role.replicas
-        self.pg = placement_group([role.bundle() or {"CPU": 0.001}] * self.world_size, strategy="PACK")
+        self.pg = placement_group([role.bundle() or {"CPU": 0.001}] * self.world_size, strategy="PACK", name=name)
         ray.get(self.pg.ready())
         actor_cls = ray.remote(TrainerRank)
         self.ranks = [
@@ -26,7 +27,7 @@ class TrainerGroup:
                 resources=dict(role.placement.resources),
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
                 runtime_env={"env_vars": env},
-                name=None,
+                name=f"{name}-{i}" if name else None,
             ).remote(recipe, i, self.world_size)
             for i in range(self.world_size)
         ]

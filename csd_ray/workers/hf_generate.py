@@ -23,7 +23,8 @@ def actor_info(**extra) -> dict:
     """pid and Ray node of the calling actor (actors.json; restarts show as new pids)."""
     import ray
 
-    return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(), **extra}
+    context = ray.get_runtime_context()
+    return {"pid": os.getpid(), "node_id": context.get_node_id(), "name": context.get_actor_name(), **extra}
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,6 +24,7 @@ from csd_ray.logits import LogitTransform, logit_transform, verify_logits
 from csd_ray.losses import get_loss
 from csd_ray.models import decoder_layers, dtype_of, load_model, load_tokenizer, position_ids
 from csd_ray.rollout import Rollout, TeacherOutput, concat_rollouts
+from csd_ray.export import export_hf_folder
 from csd_ray.workers.hf_generate import actor_info, configure_process
 
 
@@ -278,8 +279,7 @@ class TrainerRank:
             clean = AutoModelForCausalLM.from_config(model.config)
         clean.load_state_dict(state, strict=False, assign=True)
         clean.tie_weights()
-        clean.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
+        export_hf_folder(clean, model, self.tokenizer, path, self.recipe)
         return path
 
     # ---- NCCL weight broadcast into vLLM workers (GPU) -------------------------------------
