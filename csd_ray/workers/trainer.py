@@ -57,8 +57,9 @@ class StudentLoss(torch.nn.Module):
         if teacher is None:
             return head(hidden).float()
         weights = torch.full((hidden.shape[0],), rollout.loss_weight, device=hidden.device)
+        targets = rollout.input_ids[:, 1:][rollout.target_mask()]  # the token each loss row predicts
         return self.loss.fused(hidden, head.weight, teacher.signal(teacher_lm_head), weights,
-                               student_bias=head.bias, normalizer=normalizer)
+                               student_bias=head.bias, normalizer=normalizer, targets=targets)
 
 
 def free_port(host: str) -> int:
