@@ -148,6 +148,9 @@ class LossConfig:
     {terms: [{name: csd, weight: 1.0, params: {...}}, {name: ce, weight: 0.1}]}."""
     chunk_size: int = 0
     """Token rows per chunk of the fused loss; 0 = sized to the vocabulary (~32 MB buffers)."""
+    average: Literal["token", "sequence"] = "token"
+    """token: the loss is the mean over all response tokens of a step; sequence: the mean over
+    sequences of each sequence's mean (as the CSD paper computes its contrastive pairs)."""
 
 
 @dataclass

@@ -33,9 +33,10 @@ class StaleRollout(RuntimeError):
 class StudentLoss(torch.nn.Module):
     """Student + loss as one module, so FSDP2 unshards the lm_head for the fused loss."""
 
-    def __init__(self, model, loss) -> None:
+    def __init__(self, model, loss, average: str = "token") -> None:
         super().__init__()
         self.model, self.loss = model, loss
+        self.average = average  # "token": every response token counts once; "sequence": every sequence does
 
     def hidden_rows(self, rollout: Rollout) -> torch.Tensor:
         out = self.model.get_decoder()(
@@ -57,6 +58,9 @@ class StudentLoss(torch.nn.Module):
         if teacher is None:
             return head(hidden).float()
         weights = torch.full((hidden.shape[0],), rollout.loss_weight, device=hidden.device)
+        if self.average == "sequence":  # each sequence's tokens share its weight (per-sequence means)
+            counts = rollout.target_mask().sum(1)
+            weights = weights / counts.clamp_min(1).repeat_interleave(counts).to(weights)
         targets = rollout.input_ids[:, 1:][rollout.target_mask()]  # the token each loss row predicts
         return self.loss.fused(hidden, head.weight, teacher.signal(teacher_lm_head), weights,
                                student_bias=head.bias, normalizer=normalizer, targets=targets)
@@ -111,7 +115,7 @@ class TrainerRank:
         model = load_model(self.recipe.student_model, self.tokenizer, dtype="float32").train()
         self._losses: dict = {}
         loss = get_loss(cfg.loss.name, vocab_size=len(self.tokenizer), chunk_size=cfg.loss.chunk_size or None, **cfg.loss.params)
-        self.module = StudentLoss(model, loss).to(self.device)
+        self.module = StudentLoss(model, loss, cfg.loss.average).to(self.device)
         for layer in decoder_layers(model):
             fully_shard(layer)
         fully_shard(self.module)
@@ -139,6 +143,7 @@ class TrainerRank:
                 self._losses[key] = get_loss(loss["name"], vocab_size=len(self.tokenizer),
                                              chunk_size=loss.get("chunk_size") or None, **loss.get("params", {}))
             self.module.loss = self._losses[key]
+            self.module.average = loss.get("average", "token")
         if lr is not None:
             self.scheduler.base_lrs = [lr for _ in self.scheduler.base_lrs]
 
@@ -163,7 +168,10 @@ class TrainerRank:
         t_fetch = time.perf_counter() - t0
         total_tokens = sum(r.num_tokens() for r, _ in batches)
         # FSDP averages gradients over ranks: scale so the sum equals the global token mean.
-        normalizer = max(total_tokens, 1) / self.world_size
+        if self.module.average == "sequence":  # the mean of per-sequence means
+            normalizer = max(sum(r.num_sequences for r, _ in batches), 1) / self.world_size
+        else:
+            normalizer = max(total_tokens, 1) / self.world_size
         loss_sum = torch.zeros((), dtype=torch.float64)
         mb = self.recipe.trainer.micro_batch_size
         for rollout, teacher in batches:
