@@ -60,7 +60,7 @@ class StudentLoss(torch.nn.Module):
         weights = torch.full((hidden.shape[0],), rollout.loss_weight, device=hidden.device)
         if self.average == "sequence":  # each sequence's tokens share its weight (per-sequence means)
             counts = rollout.target_mask().sum(1)
-            weights = weights / counts.clamp_min(1).repeat_interleave(counts).to(weights)
+            weights = weights.double() / counts.clamp_min(1).repeat_interleave(counts).double()  # fp64: 1/7 in fp32 is off by 1e-8
         targets = rollout.input_ids[:, 1:][rollout.target_mask()]  # the token each loss row predicts
         return self.loss.fused(hidden, head.weight, teacher.signal(teacher_lm_head), weights,
                                student_bias=head.bias, normalizer=normalizer, targets=targets)
