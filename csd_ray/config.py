@@ -291,6 +291,9 @@ class DataConfig:
     """Size of the built-in arithmetic set."""
     eval_size: int = 16
     """Held-out prompts for evaluation."""
+    split_seed: Optional[int] = None
+    """Seed of the train/held-out split; null = run.seed. Fix it to compare seeds on the same
+    held-out prompts (bench/quality.py does)."""
 
 
 @dataclass

@@ -155,7 +155,8 @@ def encode_prompt(prompt: Any, tokenizer, chat_template: bool = True) -> tuple[l
 
 
 def load_prompts(cfg: DataConfig, tokenizer, seed: int = 0) -> PromptSet:
-    """Tokenize, drop (and count) over-long prompts, split off a held-out set."""
+    """Tokenize, drop (and count) over-long prompts, split off a held-out set (shuffled by
+    ``cfg.split_seed``, else ``seed``)."""
     examples = read_examples(cfg)
     encoded, dropped = [], 0
     for i, ex in enumerate(examples):
@@ -171,7 +172,7 @@ def load_prompts(cfg: DataConfig, tokenizer, seed: int = 0) -> PromptSet:
         raise DataError(
             f"{cfg.source}: all {len(examples)} prompts are longer than data.max_prompt_tokens={cfg.max_prompt_tokens}"
         )
-    rng = random.Random(seed)
+    rng = random.Random(seed if cfg.split_seed is None else cfg.split_seed)
     rng.shuffle(encoded)
     n_eval = min(cfg.eval_size, len(encoded) - 1)
     return PromptSet(

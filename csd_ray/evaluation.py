@@ -16,6 +16,8 @@ teacher NLL), so every evaluation reports:
 * ``rouge_l``: ROUGE-L F1 of the student's greedy response against the teacher's, from
   ``rouge-score`` with its stemmer (the implementation MiniLLM, DistiLLM and the CSD paper use);
 * ``distinct2``: distinct bigrams / all bigrams over the student's samples (diversity);
+* ``self_bleu``: mean BLEU (``sacrebleu``, in [0, 1]) of each student sample against all the other
+  samples of the held-out set; high when the student says the same thing to every prompt;
 * ``eos_rate``: share of student samples that end with EOS; ``mean_len``: their mean length.
 """
 
@@ -35,7 +37,7 @@ from csd_ray.rollout import Rollout
 
 EVAL_KEYS = ("teacher_nll", "student_nll_on_teacher", "accuracy", "teacher_accuracy", "teacher_agreement",
              "distinct_answers", "distinct_answer_share", "teacher_distinct_answer_share", "rouge_l", "distinct2",
-             "eos_rate", "mean_len")
+             "self_bleu", "eos_rate", "mean_len")
 #: Keys with a teacher-side counterpart: (student key, teacher key) for the closing table.
 TEACHER_PAIRS = {"accuracy": "teacher_accuracy", "distinct_answer_share": "teacher_distinct_answer_share"}
 
@@ -73,6 +75,19 @@ def _rouge_scorer():
 def rouge_l(candidate: str, reference: str) -> float:
     """ROUGE-L F1 in [0, 1] from ``rouge-score`` (lower-cased, punctuation dropped, Porter-stemmed)."""
     return float(_rouge_scorer().score(reference, candidate)["rougeL"].fmeasure)
+
+
+def self_bleu(texts: Sequence[str]) -> float:
+    """Mean sentence BLEU in [0, 1] of each text against all the others (Zhu et al. 2018's Self-BLEU).
+
+    sacrebleu's sentence BLEU (13a tokenisation, exponential smoothing); empty texts score 0 and
+    still serve as (empty) references. NaN for fewer than two texts."""
+    import sacrebleu
+
+    if len(texts) < 2:
+        return float("nan")
+    scores = [sacrebleu.sentence_bleu(t, [r for j, r in enumerate(texts) if j != i]).score for i, t in enumerate(texts)]
+    return sum(scores) / len(scores) / 100.0
 
 
 def final_answer(text: str) -> Optional[str]:
@@ -181,6 +196,7 @@ class Evaluator:
 
         decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
         sample_tokens = response_tokens(samples)
+        sample_text = [decode(t) for t in sample_tokens]
         greedy_text = [decode(t) for t in response_tokens(greedy)]
         teacher_text = [decode(t) for t in response_tokens(teacher_greedy)]
         metrics = {
@@ -189,10 +205,11 @@ class Evaluator:
             **answer_metrics([e.answer for e in self.examples], greedy_text, teacher_text),
             "rouge_l": sum(rouge_l(g, t) for g, t in zip(greedy_text, teacher_text)) / max(1, len(greedy_text)),
             **sample_stats(sample_tokens, self.tokenizer.eos_token_id),
+            "self_bleu": self_bleu(sample_text),
         }
         self.last_side_by_side = [(display_prompt(e.prompt_text), t, g)
                                   for e, t, g in zip(self.examples, teacher_text, greedy_text)]
-        self._write_samples(step, [decode(t) for t in sample_tokens], greedy_text, teacher_text)
+        self._write_samples(step, sample_text, greedy_text, teacher_text)
         return metrics
 
     def _write_samples(self, step: int, sampled: list[str], greedy: list[str], teacher: list[str]) -> None:

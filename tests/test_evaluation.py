@@ -74,3 +74,36 @@ def test_display_prompt_strips_the_chat_template():
     text = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
             "What is 2 + 3? Answer with the number.<|im_end|>\n<|im_start|>assistant\n")
     assert display_prompt(text) == "What is 2 + 3? Answer with the number."
+
+
+def test_self_bleu_is_one_for_identical_texts_and_zero_for_disjoint_ones():
+    from csd_ray.evaluation import self_bleu
+
+    assert self_bleu(["To add 22."] * 4) == pytest.approx(1.0)
+    assert self_bleu(["a b c d", "e f g h", "i j k l"]) == 0.0
+    assert math.isnan(self_bleu(["only one"]))
+
+
+def test_self_bleu_is_the_mean_of_sacrebleu_sentence_scores_against_the_others():
+    import sacrebleu
+
+    from csd_ray.evaluation import self_bleu
+
+    texts = ["the cat sat on the mat", "the cat sat on a mat", "a dog ran in the park"]
+    expected = sum(sacrebleu.sentence_bleu(texts[i], [t for j, t in enumerate(texts) if j != i]).score
+                   for i in range(3)) / 300
+    assert self_bleu(texts) == pytest.approx(expected)
+    assert 0.2 < self_bleu(texts) < 0.6  # partly shared, not identical
+
+
+def test_split_seed_fixes_the_held_out_prompts_whatever_the_run_seed():
+    from csd_ray.config import DataConfig, ModelConfig
+    from csd_ray.data import load_prompts
+    from csd_ray.models import load_tokenizer
+
+    tokenizer = load_tokenizer(ModelConfig(path="tiny"))
+    held_out = lambda cfg, seed: [e.index for e in load_prompts(cfg, tokenizer, seed=seed).eval]  # noqa: E731
+    free = DataConfig(num_examples=60, eval_size=8)
+    assert held_out(free, 0) != held_out(free, 1)  # by default the run seed moves the split
+    fixed = DataConfig(num_examples=60, eval_size=8, split_seed=0)
+    assert held_out(fixed, 0) == held_out(fixed, 1) == held_out(fixed, 7) == held_out(free, 0)

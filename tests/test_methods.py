@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from csd_ray.config import ModelConfig, Recipe, TinyModelConfig
+from csd_ray.config import ModelConfig, Recipe, TinyModelConfig, load_recipe
 from csd_ray.controller import Controller
 from csd_ray.losses import get_loss
 from csd_ray.metrics import read_metrics
@@ -51,6 +51,12 @@ def test_every_method_has_a_counterpart():
     assert {"supervised_kd", "seqkd", "imitkd", "gkd", "distillm", "contrastive_pairs"} <= names
     for name in names:
         assert f"{name}_csd" in names or name.endswith(("_csd", "_fkl")) or f"{name}_fkl" in names, name
+
+
+@pytest.mark.parametrize("path", METHODS, ids=[p.stem for p in METHODS])
+def test_method_recipe_validates_as_shipped(path):
+    recipe = load_recipe(path)
+    assert recipe.run.steps == 40  # the demo's budget: comparable with recipes/local.yaml
 
 
 @pytest.mark.parametrize("path", METHODS, ids=[p.stem for p in METHODS])
