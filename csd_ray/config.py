@@ -151,11 +151,16 @@ class LossConfig:
     """The distillation loss (csd_ray.losses)."""
 
     name: str = "csd"
-    """csd | fkl | rkl | gjsd | sfkl | srkl | tvd | dld."""
+    """csd | fkl | rkl | gjsd | sfkl | srkl | tvd | dld | ce (cross-entropy on the response tokens) |
+    mix (weighted sum of terms, e.g. a distillation loss plus an auxiliary ce term)."""
     params: dict = field(default_factory=dict)
-    """Parameters of the loss, e.g. {weights: [teacher, student], temperature: 1.0}."""
+    """Parameters of the loss, e.g. {weights: [teacher, student], temperature: 1.0}; for mix,
+    {terms: [{name: csd, weight: 1.0, params: {...}}, {name: ce, weight: 0.1}]}."""
     chunk_size: int = 0
     """Token rows per chunk of the fused loss; 0 = sized to the vocabulary (~32 MB buffers)."""
+    average: Literal["token", "sequence"] = "token"
+    """token: the loss is the mean over all response tokens of a step; sequence: the mean over
+    sequences of each sequence's mean (as the CSD paper computes its contrastive pairs)."""
 
 
 @dataclass
@@ -299,6 +304,9 @@ class DataConfig:
     """Size of the built-in arithmetic set."""
     eval_size: int = 16
     """Held-out prompts for evaluation."""
+    split_seed: Optional[int] = None
+    """Seed of the train/held-out split; null = run.seed. Fix it to compare seeds on the same
+    held-out prompts (bench/quality.py does)."""
 
 
 @dataclass
@@ -432,6 +440,9 @@ class Recipe:
             raise located.error(key, str(exc)) from None
         if not loss_obj.shift_invariant and self.teacher.payload == "topk":
             raise located.error(f"{key}.name", f"'{loss.name}' compares raw logits and cannot use the 'topk' teacher payload")
+        if loss_obj.uses_targets and self.teacher.payload == "topk":
+            raise located.error(f"{key}.name", f"'{loss.name}' needs the student's whole vocabulary; use teacher.payload "
+                                "'hidden' or 'logits', not 'topk'")
 
     def _validate_sources(self, sources: list[SourceConfig], mode: str, key: str, located: Located) -> None:
         if not sources:

@@ -26,7 +26,7 @@ import yaml
 from csd_ray.config import Recipe, SourceConfig
 from csd_ray.data import PromptStream, load_prompts
 from csd_ray.devices import actor_env
-from csd_ray.evaluation import Evaluator, format_eval
+from csd_ray.evaluation import Evaluator, closing_table, format_eval
 from csd_ray.metrics import MetricsLogger
 from csd_ray.models import SMOLLM2, check_same_tokenizer, load_tokenizer, model_folder, preflight, resolve
 from csd_ray.placement import plan
@@ -523,11 +523,9 @@ class Controller:
         shutil.rmtree(final, ignore_errors=True)
         self.trainers.call("save_hf", str(final))
         self.evaluate()
-        if len(self.eval_history) >= 2:
-            before, after = self.eval_history[0], self.eval_history[-1]
-            lines = [f"{'metric':24s}{'before':>10s}{'after':>10s}"]
-            lines += [f"{k:24s}{before[k]:10.3f}{after[k]:10.3f}" for k in before if k != "step"]
-            self.metrics.message("held-out evaluation:\n" + "\n".join(lines))
+        if len(self.eval_history) >= 2:  # student before/after beside the teacher, and a few answers
+            table = closing_table(self.eval_history[0], self.eval_history[-1], self.evaluator.last_side_by_side[:4])
+            self.metrics.message("held-out evaluation:\n" + table)
         self.metrics.message(f"done: {self.step} steps; student written to {final}")
         if self.recipe.run.push_to_hub:
             from csd_ray.export import push_to_hub

@@ -194,7 +194,8 @@ def encode_prompt(prompt: Any, tokenizer, chat_template: bool = True) -> tuple[l
 
 
 def load_prompts(cfg: DataConfig, tokenizer, seed: int = 0, end_id: Optional[int] = None) -> PromptSet:
-    """Tokenize, drop (and count) over-long prompts, split off a held-out set.
+    """Tokenize, drop (and count) over-long prompts, split off a held-out set (shuffled by
+    ``cfg.split_seed``, else ``seed``).
 
     Reference responses end with ``end_id`` (the id that closes an assistant turn, from the
     generation contract; default the tokenizer's eos)."""
@@ -214,7 +215,7 @@ def load_prompts(cfg: DataConfig, tokenizer, seed: int = 0, end_id: Optional[int
         raise DataError(
             f"{cfg.source}: all {len(examples)} prompts are longer than data.max_prompt_tokens={cfg.max_prompt_tokens}"
         )
-    rng = random.Random(seed)
+    rng = random.Random(seed if cfg.split_seed is None else cfg.split_seed)
     rng.shuffle(encoded)
     n_eval = min(cfg.eval_size, len(encoded) - 1)
     return PromptSet(

@@ -6,16 +6,28 @@ teacher NLL), so every evaluation reports:
 * ``teacher_nll``: teacher NLL per token of the student's samples (fidelity; lower is better);
 * ``student_nll_on_teacher``: student NLL per token of the teacher's greedy responses (coverage);
 * ``accuracy``: exact match of the student's greedy answer, where answers exist;
-* ``rouge_l``: ROUGE-L F1 of the student's greedy response against the teacher's;
+  ``teacher_accuracy``: the same for the teacher's greedy answer, on the same prompts, so a low
+  student accuracy can be read against what the teacher itself manages;
+* ``teacher_agreement``: share of prompts where the student's final answer (last number, else
+  the whole stripped response) equals the teacher's;
+* ``distinct_answers`` / ``distinct_answer_share``: how many different final answers the
+  student's greedy responses give (count, and count / prompts); a collapsed student answers
+  the same thing everywhere. ``teacher_distinct_answer_share`` is the teacher's, for scale;
+* ``rouge_l``: ROUGE-L F1 of the student's greedy response against the teacher's, from
+  ``rouge-score`` with its stemmer (the implementation MiniLLM, DistiLLM and the CSD paper use);
 * ``distinct2``: distinct bigrams / all bigrams over the student's samples (diversity);
+* ``self_bleu``: mean BLEU (``sacrebleu``, in [0, 1]) of each student sample against all the other
+  samples of the held-out set; high when the student says the same thing to every prompt;
 * ``eos_rate``: share of student samples that end with EOS; ``mean_len``: their mean length.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from functools import lru_cache
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import ray
 import torch
@@ -23,7 +35,11 @@ import torch
 from csd_ray.data import EncodedExample, extract_number
 from csd_ray.rollout import Rollout
 
-EVAL_KEYS = ("teacher_nll", "student_nll_on_teacher", "accuracy", "rouge_l", "distinct2", "eos_rate", "mean_len")
+EVAL_KEYS = ("teacher_nll", "student_nll_on_teacher", "accuracy", "teacher_accuracy", "teacher_agreement",
+             "distinct_answers", "distinct_answer_share", "teacher_distinct_answer_share", "rouge_l", "distinct2",
+             "self_bleu", "eos_rate", "mean_len")
+#: Keys with a teacher-side counterpart: (student key, teacher key) for the closing table.
+TEACHER_PAIRS = {"accuracy": "teacher_accuracy", "distinct_answer_share": "teacher_distinct_answer_share"}
 
 
 def response_tokens(rollout: Rollout) -> list[list[int]]:
@@ -51,22 +67,105 @@ def sample_stats(sample_tokens: list[list[int]], stop_ids) -> dict[str, float]:
     }
 
 
+@lru_cache(maxsize=1)
+def _rouge_scorer():
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
 def rouge_l(candidate: str, reference: str) -> float:
-    """ROUGE-L F1 on whitespace tokens (longest common subsequence)."""
-    a, b = candidate.split(), reference.split()
-    if not a or not b:
-        return 0.0
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b):
-            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-        prev = cur
-    lcs = prev[-1]
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(a), lcs / len(b)
-    return 2 * precision * recall / (precision + recall)
+    """ROUGE-L F1 in [0, 1] from ``rouge-score`` (lower-cased, punctuation dropped, Porter-stemmed)."""
+    return float(_rouge_scorer().score(reference, candidate)["rougeL"].fmeasure)
+
+
+def self_bleu(texts: Sequence[str]) -> float:
+    """Mean sentence BLEU in [0, 1] of each text against all the others (Zhu et al. 2018's Self-BLEU).
+
+    sacrebleu's sentence BLEU (13a tokenisation, exponential smoothing); empty texts score 0 and
+    still serve as (empty) references. NaN for fewer than two texts."""
+    import sacrebleu
+
+    if len(texts) < 2:
+        return float("nan")
+    scores = [sacrebleu.sentence_bleu(t, [r for j, r in enumerate(texts) if j != i]).score for i, t in enumerate(texts)]
+    return sum(scores) / len(scores) / 100.0
+
+
+def final_answer(text: str) -> Optional[str]:
+    """What a response answers: its last number (GSM8K convention), else the stripped text; None if empty."""
+    number = extract_number(text)
+    if number is not None:
+        return number
+    text = " ".join(text.split())
+    return text or None
+
+
+def answer_metrics(references: Sequence[Optional[str]], student: Sequence[str], teacher: Sequence[str]) -> dict[str, float]:
+    """Accuracy of student and teacher, their agreement, and answer diversity, on the same prompts.
+
+    ``references[i]`` is prompt i's exact answer (None where the data has none); ``student[i]`` and
+    ``teacher[i]`` are the greedy response texts. Accuracies are over prompts with a reference
+    (NaN when none has one); agreement and distinct answers over all prompts. An empty response
+    has no answer: it never agrees and is not counted as a distinct answer.
+    """
+    if not (len(references) == len(student) == len(teacher)):
+        raise ValueError(f"answer_metrics: {len(references)} references, {len(student)} student and "
+                         f"{len(teacher)} teacher responses; expected equal counts")
+    n = max(1, len(student))
+    s_ans, t_ans = [final_answer(x) for x in student], [final_answer(x) for x in teacher]
+    scored = [i for i, r in enumerate(references) if r is not None]
+
+    def accuracy(texts: Sequence[str]) -> float:
+        # Numbers only: a reference is a number, so a text-only answer never matches it.
+        return sum(extract_number(texts[i]) == references[i] for i in scored) / len(scored) if scored else float("nan")
+
+    s_distinct = len({a for a in s_ans if a is not None})
+    return {
+        "accuracy": accuracy(student),
+        "teacher_accuracy": accuracy(teacher),
+        "teacher_agreement": sum(a is not None and a == b for a, b in zip(s_ans, t_ans)) / n,
+        "distinct_answers": float(s_distinct),
+        "distinct_answer_share": s_distinct / n,
+        "teacher_distinct_answer_share": len({a for a in t_ans if a is not None}) / n,
+    }
+
+
+_MARKER_RE = re.compile(r"<\|[^|]*\|>|<[a-z_]*>|</[a-z_]*>")
+_ROLES = {"system", "user", "assistant"}
+
+
+def display_prompt(text: str) -> str:
+    """The last line of the user's words in a chat-templated prompt (display only: templates vary)."""
+    lines = [line.strip() for line in _MARKER_RE.sub("\n", text).splitlines()]
+    lines = [line for line in lines if line and line not in _ROLES]
+    return lines[-1] if lines else text.strip()
+
+
+def closing_table(before: dict, after: dict, side_by_side: Sequence[tuple[str, str, str]] = (), width: int = 38) -> str:
+    """The run's closing summary: student before/after beside the teacher, the gap, and a few answers.
+
+    ``before``/``after`` are evaluation metric dicts; ``side_by_side`` holds (prompt, teacher,
+    student) texts, each cut to ``width`` characters.
+    """
+    lines = [f"{'metric':30s}{'before':>10s}{'after':>10s}{'teacher':>10s}"]
+    for key in EVAL_KEYS:
+        if key not in after or key in TEACHER_PAIRS.values():
+            continue
+        teacher = after.get(TEACHER_PAIRS.get(key, ""), None)
+        teacher_text = f"{teacher:10.3f}" if teacher is not None else f"{'-':>10s}"
+        lines.append(f"{key:30s}{before.get(key, float('nan')):10.3f}{after[key]:10.3f}{teacher_text}")
+    acc, t_acc = after.get("accuracy"), after.get("teacher_accuracy")
+    if acc is not None and t_acc is not None and t_acc == t_acc and acc == acc:
+        ratio = f"{acc / t_acc:.0%} of the teacher's" if t_acc > 0 else "teacher scores 0"
+        lines.append(f"student accuracy {acc:.3f} vs teacher {t_acc:.3f} ({ratio}); "
+                     f"agreement with the teacher {after.get('teacher_agreement', float('nan')):.3f}")
+    if side_by_side:
+        cut = lambda x: " ".join(x.split())[:width]  # noqa: E731
+        lines.append("")
+        lines.append(f"{'prompt':{width}s} | {'teacher':{width}s} | student")
+        lines += [f"{cut(p):{width}s} | {cut(t):{width}s} | {cut(s)}" for p, t, s in side_by_side]
+    return "\n".join(lines)
 
 
 class Evaluator:
@@ -79,6 +178,8 @@ class Evaluator:
         self.prompts = [e.prompt_ids for e in examples]
         self.indices = [e.index for e in examples]
         self._teacher_greedy: Optional[Rollout] = None
+        self.last_side_by_side: list[tuple[str, str, str]] = []
+        """(prompt, teacher greedy, student greedy) texts of the latest evaluation."""
 
     def teacher_greedy(self) -> Rollout:
         if self._teacher_greedy is None:  # the teacher does not change: once per run
@@ -98,17 +199,20 @@ class Evaluator:
 
         decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
         sample_tokens = response_tokens(samples)
+        sample_text = [decode(t) for t in sample_tokens]
         greedy_text = [decode(t) for t in response_tokens(greedy)]
         teacher_text = [decode(t) for t in response_tokens(teacher_greedy)]
-        answers = [(e.answer, extract_number(text)) for e, text in zip(self.examples, greedy_text) if e.answer is not None]
         metrics = {
             "teacher_nll": mean_nll(fidelity, samples),
             "student_nll_on_teacher": mean_nll(coverage, teacher_greedy),
-            "accuracy": sum(a == b for a, b in answers) / len(answers) if answers else float("nan"),
+            **answer_metrics([e.answer for e in self.examples], greedy_text, teacher_text),
             "rouge_l": sum(rouge_l(g, t) for g, t in zip(greedy_text, teacher_text)) / max(1, len(greedy_text)),
             **sample_stats(sample_tokens, self.stop_ids),
+            "self_bleu": self_bleu(sample_text),
         }
-        self._write_samples(step, [decode(t) for t in sample_tokens], greedy_text, teacher_text)
+        self.last_side_by_side = [(display_prompt(e.prompt_text), t, g)
+                                  for e, t, g in zip(self.examples, teacher_text, greedy_text)]
+        self._write_samples(step, sample_text, greedy_text, teacher_text)
         return metrics
 
     def _write_samples(self, step: int, sampled: list[str], greedy: list[str], teacher: list[str]) -> None:

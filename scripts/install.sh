@@ -8,7 +8,7 @@ PIP="python -m pip"
 PIN=$(mktemp)
 echo "torch==2.13.0" > "$PIN"
 $PIP install -q torch==2.13.0
-$PIP install -q -c "$PIN" -e ".[test]"
+$PIP install -q -c "$PIN" -e ".[test,bench]"
 # vLLM for CPU (import name `vllm`): the same code path the GPU sampler/teacher use.
 # It pulls CUDA builds of torchvision/torchaudio/torchcodec/triton; each breaks `import vllm` here.
 if [ "${CSD_RAY_SKIP_VLLM:-0}" != "1" ]; then

@@ -13,9 +13,13 @@ from csd_ray.workers.sampler import HFSampler
 from csd_ray.workers.teacher import HFTeacher
 
 
-def test_one_full_distillation_step_through_all_roles(ray_session, tmp_path):
+def test_one_full_distillation_step_through_all_roles(ray_session, tmp_path, capsys):
     recipe = smoke_recipe(tmp_path, "run.steps=1", evaluate=True)
     final = Controller(recipe, log=lambda m: None).run()
+    closing = capsys.readouterr().err.split("held-out evaluation:")[-1].splitlines()
+    assert closing[1].split() == ["metric", "before", "after", "teacher"]  # teacher beside the student
+    assert any(line.startswith("student accuracy") and "vs teacher" in line for line in closing)
+    assert any(line.split("|")[0].strip() == "prompt" for line in closing)  # answers side by side
 
     (record,) = read_metrics(tmp_path / "metrics.jsonl")
     assert record["step"] == 1 and record["weight_version"] == 1
@@ -26,7 +30,8 @@ def test_one_full_distillation_step_through_all_roles(ray_session, tmp_path):
     assert record["time_sync"] == 0  # weights move lazily: nothing to sync before the first step
     before, after = read_metrics(tmp_path / "metrics.jsonl", kind="eval")
     assert (before["step"], after["step"]) == (0, 1)
-    for key in ("teacher_nll", "student_nll_on_teacher", "distinct2", "eos_rate", "rouge_l", "accuracy"):
+    for key in ("teacher_nll", "student_nll_on_teacher", "distinct2", "eos_rate", "rouge_l", "accuracy",
+                "teacher_accuracy", "teacher_agreement", "distinct_answers", "self_bleu"):
         assert f"eval/{key}" in after, key
     assert after["eval/teacher_nll"] > 0 and 0 <= after["eval/distinct2"] <= 1
     assert (tmp_path / "samples" / "step_000001.jsonl").exists()

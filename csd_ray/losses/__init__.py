@@ -6,7 +6,7 @@ the batch's logits, as ``loss_fn.fused(student_hidden, student_lm_head, teacher,
 ``teacher`` is dense logits or a payload from ``csd_ray.losses.signals``.
 """
 
-from csd_ray.losses import baselines, csd  # noqa: F401  (registers the losses)
+from csd_ray.losses import baselines, composite, csd  # noqa: F401  (registers the losses)
 from csd_ray.losses.base import DistillationLoss
 from csd_ray.losses.errors import LossConfigError, LossInputError
 from csd_ray.losses.registry import available_losses, get_loss, loss_class

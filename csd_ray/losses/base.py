@@ -40,6 +40,10 @@ class DistillationLoss:
     shift_invariant: ClassVar[bool] = True
     #: parameter name -> default; ``get_loss`` rejects anything else.
     params: ClassVar[dict[str, Any]] = {}
+    #: True for losses on the response tokens themselves (cross-entropy): they are called as
+    #: ``token_loss(z, t, valid, target)`` with ``target [c, W]`` True at each row's next token,
+    #: and need ``targets=`` on the public paths. Such losses need the whole vocabulary (no top-k).
+    uses_targets: ClassVar[bool] = False
 
     def __init__(self, vocab_size: Optional[int] = None, chunk_size: Optional[int] = None, **params: Any) -> None:
         if vocab_size is not None and (not isinstance(vocab_size, int) or vocab_size <= 0):
@@ -68,12 +72,14 @@ class DistillationLoss:
         raise NotImplementedError
 
     def token_loss_and_grad(
-        self, z: torch.Tensor, t: torch.Tensor, valid: torch.Tensor
+        self, z: torch.Tensor, t: torch.Tensor, valid: torch.Tensor, *target: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-row loss ``[c]`` and its gradient w.r.t. ``z`` ``[c, V]``. Default: autograd."""
+        """Per-row loss ``[c]`` and its gradient w.r.t. ``z`` ``[c, V]``. Default: autograd.
+
+        ``target`` (only for ``uses_targets`` losses): ``[c, V]`` bool, True at each row's next token."""
         with torch.enable_grad():
             z = z.detach().requires_grad_(True)
-            per_row = self.token_loss(z, t, valid)
+            per_row = self.token_loss(z, t, valid, *target)
             (grad,) = torch.autograd.grad(per_row.sum(), z)
         return per_row.detach(), grad
 
@@ -91,18 +97,21 @@ class DistillationLoss:
         teacher: Teacher,
         mask: torch.Tensor,
         normalizer: Optional[float] = None,
+        targets: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Loss averaged over response tokens from ready student logits ``[N, V]``.
 
         ``mask [N]`` selects response tokens (bool) or weights them (float). ``normalizer``
         overrides the divisor (default: the number of selected tokens), so micro-batches and
-        ranks can share one global token count.
+        ranks can share one global token count. ``targets [N]`` (long) are the response token ids
+        each row predicts; only losses with ``uses_targets`` read them.
         """
         if student_logits.dim() != 2:
             raise LossInputError(f"student_logits must be [N, V]; got shape {tuple(student_logits.shape)}")
         signal = _check_signal(self, as_teacher_signal(teacher))
         weights, rows, norm = _token_weights(mask, student_logits.shape[0], signal.num_rows, normalizer)
-        return _run(self, signal, weights, rows, norm, _LogitsStudent(), student_logits)
+        targets = _check_targets(self, targets, student_logits.shape[0])
+        return _run(self, signal, weights, rows, norm, targets, _LogitsStudent(), student_logits)
 
     def fused(
         self,
@@ -112,6 +121,7 @@ class DistillationLoss:
         mask: torch.Tensor,
         student_bias: Optional[torch.Tensor] = None,
         normalizer: Optional[float] = None,
+        targets: Optional[torch.Tensor] = None,
         student_transform=None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Same loss from student hidden states ``[N, d]`` and lm_head weight ``[V, d]``.
@@ -133,9 +143,10 @@ class DistillationLoss:
             )
         signal = _check_signal(self, as_teacher_signal(teacher))
         weights, rows, norm = _token_weights(mask, student_hidden.shape[0], signal.num_rows, normalizer)
+        targets = _check_targets(self, targets, student_hidden.shape[0])
         tensors = (student_hidden, student_lm_head) + ((student_bias,) if student_bias is not None else ())
         transform = None if student_transform is None or student_transform.identity else student_transform
-        return _run(self, signal, weights, rows, norm, _LinearStudent(transform), *tensors)
+        return _run(self, signal, weights, rows, norm, targets, _LinearStudent(transform), *tensors)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -149,7 +160,22 @@ def _check_signal(loss: DistillationLoss, signal: TeacherSignal) -> TeacherSigna
             f"{loss.name} compares raw logits, so it needs the 'logits' or 'hidden' teacher payload; "
             "the 'topk' payload carries log-probs"
         )
+    if isinstance(signal, TopKTeacher) and loss.uses_targets:
+        raise LossInputError(
+            f"{loss.name} normalises the student over the whole vocabulary, so it needs the 'logits' or "
+            "'hidden' teacher payload; the 'topk' payload restricts the student to an index set"
+        )
     return signal
+
+
+def _check_targets(loss: DistillationLoss, targets: Optional[torch.Tensor], n: int) -> Optional[torch.Tensor]:
+    if not loss.uses_targets:
+        return None
+    if targets is None:
+        raise LossInputError(f"{loss.name} needs targets= (the [N] response token ids each row predicts)")
+    if targets.dim() != 1 or targets.shape[0] != n or targets.dtype not in (torch.long, torch.int32, torch.int64):
+        raise LossInputError(f"targets must be [N] integer token ids with N={n}; got {tuple(targets.shape)} {targets.dtype}")
+    return targets
 
 
 def _token_weights(
@@ -284,20 +310,34 @@ class _LinearStudent:
         return out if self.bias is None else out + (self.grad_bias.to(self.bias.dtype),)
 
 
-def _run(loss, signal, weights, rows, norm, student, *tensors) -> tuple[torch.Tensor, dict[str, float]]:
+def _run(loss, signal, weights, rows, norm, targets, student, *tensors) -> tuple[torch.Tensor, dict[str, float]]:
     metrics: dict[str, float] = {}
-    value = _ChunkedLoss.apply(loss, signal, weights, rows, norm, student, metrics, *tensors)
+    value = _ChunkedLoss.apply(loss, signal, weights, rows, norm, targets, student, metrics, *tensors)
     return value, metrics
 
 
-_NON_TENSOR_ARGS = 7  # loss, signal, weights, rows, norm, student, metrics
+_NON_TENSOR_ARGS = 8  # loss, signal, weights, rows, norm, targets, student, metrics
+
+
+def _chunk_loss_and_grad(loss, z, t, valid, targets, chunk_rows):
+    if targets is None:
+        return loss.token_loss_and_grad(z, t, valid)
+    # One-hot over the chunk's columns (dense payloads only: the column is the token id).
+    ids = targets[chunk_rows].to(torch.long)
+    target = torch.zeros_like(valid)
+    target.scatter_(1, ids.clamp(0, valid.shape[1] - 1)[:, None], True)
+    target &= ((ids >= 0) & (ids < valid.shape[1]))[:, None]
+    if not bool((target & valid).any(1).all()):
+        bad = ids[~(target & valid).any(1)][0]
+        raise LossInputError(f"{loss.name}: target token {int(bad)} is outside the valid vocabulary (width {valid.shape[1]})")
+    return loss.token_loss_and_grad(z, t, valid, target)
 
 
 class _ChunkedLoss(torch.autograd.Function):
     """Runs the chunk loop in forward, keeping the (already scaled) input gradients for backward."""
 
     @staticmethod
-    def forward(ctx, loss: DistillationLoss, signal, weights, rows, norm, student, metrics, *tensors):  # type: ignore[override]
+    def forward(ctx, loss: DistillationLoss, signal, weights, rows, norm, targets, student, metrics, *tensors):  # type: ignore[override]
         student.begin(*(x.detach() for x in tensors))
         total = torch.zeros((), dtype=torch.float64, device=tensors[0].device)
         with torch.no_grad():
@@ -306,7 +346,7 @@ class _ChunkedLoss(torch.autograd.Function):
                 chunk_rows = rows[start : start + step]
                 ids, t = signal.chunk(chunk_rows)
                 z, t, valid = _align(student.chunk_logits(chunk_rows, ids), t, ids, loss.vocab_size)
-                per_row, grad = loss.token_loss_and_grad(z, t, valid)
+                per_row, grad = _chunk_loss_and_grad(loss, z, t, valid, targets, chunk_rows)
                 w = (weights[chunk_rows] / norm).to(per_row.dtype)
                 total += (w * per_row).sum().double()
                 student.backprop(chunk_rows, ids, grad * w[:, None])

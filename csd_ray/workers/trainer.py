@@ -35,10 +35,11 @@ class StaleRollout(RuntimeError):
 class StudentLoss(torch.nn.Module):
     """Student + loss as one module, so FSDP2 unshards the lm_head for the fused loss."""
 
-    def __init__(self, model, loss, vocab_size: int) -> None:
+    def __init__(self, model, loss, average: str = "token") -> None:
         super().__init__()
-        self.model, self.loss, self.vocab_size = model, loss, vocab_size
+        self.model, self.loss = model, loss
         self.transform = logit_transform(model.config)  # the logits contract (csd_ray.logits)
+        self.average = average  # "token": every response token counts once; "sequence": every sequence does
 
     def hidden_rows(self, rollout: Rollout) -> torch.Tensor:
         out = self.model.get_decoder()(
@@ -60,8 +61,13 @@ class StudentLoss(torch.nn.Module):
         if teacher is None:
             return self.transform(head(hidden)).float()
         weights = torch.full((hidden.shape[0],), rollout.loss_weight, device=hidden.device)
+        if self.average == "sequence":  # each sequence's tokens share its weight (per-sequence means)
+            counts = rollout.target_mask().sum(1)
+            weights = weights.double() / counts.clamp_min(1).repeat_interleave(counts).double()  # fp64: 1/7 in fp32 is off by 1e-8
+        targets = rollout.input_ids[:, 1:][rollout.target_mask()]  # the token each loss row predicts
         return self.loss.fused(hidden, head.weight, teacher.signal(*(teacher_lm_head or (None, None))), weights,
-                               student_bias=head.bias, normalizer=normalizer, student_transform=self.transform)
+                               student_bias=head.bias, normalizer=normalizer, targets=targets,
+                               student_transform=self.transform)
 
 
 def free_port(host: str) -> int:
@@ -116,7 +122,7 @@ class TrainerRank:
         verify_logits(model, f"student model '{self.recipe.student_model.path}'")
         self._losses: dict = {}
         loss = get_loss(cfg.loss.name, vocab_size=len(self.tokenizer), chunk_size=cfg.loss.chunk_size or None, **cfg.loss.params)
-        self.module = StudentLoss(model, loss, len(self.tokenizer)).to(self.device)
+        self.module = StudentLoss(model, loss, cfg.loss.average).to(self.device)
         # bf16/fp16 compute with fp32 gradient reduction and fp32 master weights (FSDP2's mixed precision).
         mp = MixedPrecisionPolicy(param_dtype=dtype_of(cfg.param_dtype), reduce_dtype=torch.float32)
         for layer in decoder_layers(model):
@@ -148,6 +154,7 @@ class TrainerRank:
                 self._losses[key] = get_loss(loss["name"], vocab_size=len(self.tokenizer),
                                              chunk_size=loss.get("chunk_size") or None, **loss.get("params", {}))
             self.module.loss = self._losses[key]
+            self.module.average = loss.get("average", "token")
         if lr is not None:
             self.scheduler.base_lrs = [lr for _ in self.scheduler.base_lrs]
             # The scheduler set this step's lr from the previous base: apply the stage's now, or a
@@ -182,7 +189,10 @@ class TrainerRank:
         t0 = time.perf_counter() - t_fetch
         total_tokens = sum(r.num_tokens() for r, _ in batches)
         # FSDP averages gradients over ranks: scale so the sum equals the global token mean.
-        normalizer = max(total_tokens, 1) / self.world_size
+        if self.module.average == "sequence":  # the mean of per-sequence means
+            normalizer = max(sum(r.num_sequences for r, _ in batches), 1) / self.world_size
+        else:
+            normalizer = max(total_tokens, 1) / self.world_size
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # NCCL reduces device tensors only
         mb = self.recipe.trainer.micro_batch_size
         for rollout, teacher in batches:

@@ -1,0 +1,283 @@
+"""Losses compared at equal budget, with seeds and confidence intervals (issue 12).
+
+One shared warm-up first: the demo's pruned student (8 of SmolLM2-135M-Instruct's 30 layers)
+trained off-policy on teacher samples with forward KL, saved once. Every compared run then
+starts from that checkpoint and differs only in the compared stage's loss (and, for GKD, its
+λ-mixed sources), for the same number of steps, batch, response length and learning rate, on
+the same held-out prompts (``data.split_seed`` fixed), once per seed. Reported per loss: mean ±
+95% CI (Student t over seeds) of
+
+  teacher NLL of student samples (fidelity), student NLL of the teacher's greedy answers
+  (coverage), teacher agreement and accuracy (student and teacher greedy final answers),
+  ROUGE-L vs the teacher's answers (rouge-score, stemmed), distinct-2 and Self-BLEU (sacrebleu)
+  of student samples, share of samples ending with EOS;
+
+as a markdown table (with the winner per metric, and whether the runner-up's interval overlaps)
+and a PNG (metric vs step, one line per loss, 95% bands).
+
+    python bench/quality.py                 # default set: 8 losses x 3 seeds, 64 held-out prompts
+    python bench/quality.py --quick         # smoke check: 2 losses x 2 seeds, 8 prompts, 2 steps
+
+Finished runs in --out are reused (a full run can be resumed by running the command again).
+Writes OUT/quality.md, OUT/quality.png, OUT/quality.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import ray  # noqa: E402
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from csd_ray.config import load_recipe  # noqa: E402
+from csd_ray.controller import Controller  # noqa: E402
+from csd_ray.metrics import read_metrics  # noqa: E402
+
+STUDENT = [{"kind": "student"}]
+#: name -> (loss spec, sources, source_mode) of the compared stage.
+LOSSES: dict[str, tuple[dict, list, str]] = {
+    "fkl": ({"name": "fkl"}, STUDENT, "sample"),
+    "rkl": ({"name": "rkl"}, STUDENT, "sample"),
+    "gkd": ({"name": "gjsd", "params": {"beta": 0.5}},
+            [{"kind": "student", "probability": 0.5}, {"kind": "dataset", "probability": 0.5}], "sample"),
+    "csd_ss": ({"name": "csd", "params": {"weights": ["student", "student"]}}, STUDENT, "sample"),
+    "csd_us": ({"name": "csd", "params": {"weights": ["uniform", "student"]}}, STUDENT, "sample"),
+    "csd_ts": ({"name": "csd", "params": {"weights": ["teacher", "student"]}}, STUDENT, "sample"),
+    "csd_tsmix": ({"name": "csd", "params": {"weights": ["mix", "student"], "alpha": 0.15}}, STUDENT, "sample"),
+    "dld": ({"name": "dld"}, STUDENT, "sample"),
+}
+LABELS = {"fkl": "FKL", "rkl": "RKL", "gkd": "GKD (JSD β=0.5, λ=0.5)", "csd_ss": "CSD (S,S)", "csd_us": "CSD (U,S)",
+          "csd_ts": "CSD (T,S)", "csd_tsmix": "CSD TS-mix (α=0.15)", "dld": "DLD"}
+#: metric -> (title, True when higher is better)
+METRICS = {
+    "teacher_nll": ("teacher NLL of samples", False),
+    "student_nll_on_teacher": ("student NLL of teacher answers", False),
+    "teacher_agreement": ("teacher agreement", True),
+    "accuracy": ("accuracy", True),
+    "rouge_l": ("ROUGE-L vs teacher", True),
+    "distinct2": ("distinct-2", True),
+    "self_bleu": ("Self-BLEU (lower = more diverse)", False),
+    "eos_rate": ("ends with EOS", True),
+}
+# Two-sided 95% Student t quantiles by degrees of freedom (n - 1 seeds).
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def mean_ci(values: list[float]) -> tuple[float, float]:
+    """Mean and half-width of the 95% t interval over seeds (0 for one value; NaNs dropped)."""
+    values = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    if not values:
+        return float("nan"), float("nan")
+    n = len(values)
+    mean = sum(values) / n
+    if n == 1:
+        return mean, 0.0
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return mean, T95.get(n - 1, 1.96) * sd / math.sqrt(n)
+
+
+class BenchController(Controller):
+    """The product's controller; the teacher's greedy evaluation answers are computed once and reused.
+
+    They depend only on the teacher and the held-out prompts, which every run shares."""
+
+    def __init__(self, recipe, cache: Path, skip_first_eval: bool) -> None:
+        super().__init__(recipe, log=lambda m: None)
+        self.cache, self.skip_first_eval = cache, skip_first_eval
+
+    def start(self) -> None:
+        super().start()
+        if self.evaluator is not None and self.cache.exists():
+            self.evaluator._teacher_greedy = torch.load(self.cache, weights_only=False)
+
+    def evaluate(self) -> dict:
+        if self.skip_first_eval and self.step == 0:
+            return {}  # step 0 is the shared warm-up checkpoint, evaluated once
+        metrics = super().evaluate()
+        if self.evaluator is not None and not self.cache.exists():
+            torch.save(self.evaluator.teacher_greedy(), self.cache)
+        return metrics
+
+
+def finished(run_dir: Path, steps: int) -> bool:
+    path = run_dir / "metrics.jsonl"
+    return path.exists() and any(r["step"] == steps for r in read_metrics(path, kind="eval"))
+
+
+def run(overrides: list[str], run_dir: Path, cache: Path, steps: int, skip_first_eval: bool) -> float:
+    """One run of recipes/local.yaml with overrides (skipped if already finished); its wall seconds."""
+    if finished(run_dir, steps):
+        return 0.0
+    shutil.rmtree(run_dir, ignore_errors=True)
+    recipe = load_recipe(REPO / "recipes" / "local.yaml", [*overrides, f"run.output_dir={run_dir}", "run.resume=never"])
+    t0 = time.perf_counter()
+    BenchController(recipe, cache, skip_first_eval).run()
+    return time.perf_counter() - t0
+
+
+def collect(out: Path, losses: list[str], seeds: list[int], warm: dict) -> dict:
+    """{loss: {step: {metric: [value per seed]}}}; step 0 is the shared warm-up's evaluation."""
+    curves: dict = {}
+    for name in losses:
+        per_step: dict = {0: {m: [warm.get(f"eval/{m}")] * len(seeds) for m in METRICS}}
+        for seed in seeds:
+            for record in read_metrics(out / "runs" / name / f"seed{seed}" / "metrics.jsonl", kind="eval"):
+                if record["step"] == 0:
+                    continue
+                slot = per_step.setdefault(record["step"], {m: [] for m in METRICS})
+                for m in METRICS:
+                    value = record.get(f"eval/{m}")
+                    slot[m].append(float(value) if value is not None else float("nan"))
+        curves[name] = per_step
+    return curves
+
+
+def table(curves: dict, losses: list[str], seeds: list[int], warm: dict, teacher_accuracy: Optional[float]) -> str:
+    last = {name: max(curves[name]) for name in losses}
+    stats = {name: {m: mean_ci(curves[name][last[name]][m]) for m in METRICS} for name in losses}
+    head = "| loss | " + " | ".join(f"{t} {'↑' if up else '↓'}" for t, up in METRICS.values()) + " |"
+    lines = [head, "|" + " --- |" * (len(METRICS) + 1)]
+    lines.append("| (shared warm-up, step 0) | " + " | ".join(f"{warm.get(f'eval/{m}', float('nan')):.3f}"
+                                                            for m in METRICS) + " |")
+    winners = {}
+    for m, (_, up) in METRICS.items():
+        ranked = sorted((s[m][0], name) for name, s in stats.items() if math.isfinite(s[m][0]))
+        if up:
+            ranked.reverse()
+        winners[m] = ranked
+    for name in losses:
+        cells = []
+        for m in METRICS:
+            mean, half = stats[name][m]
+            text = f"{mean:.3f} ± {half:.3f}"
+            sole = len(winners[m]) < 2 or winners[m][0][0] != winners[m][1][0]
+            cells.append(f"**{text}**" if winners[m] and winners[m][0][1] == name and sole else text)
+        lines.append(f"| {LABELS[name]} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(f"Mean ± 95% CI over {len(seeds)} seeds ({', '.join(map(str, seeds))}) at the last step; "
+                 f"teacher accuracy on the same prompts: {teacher_accuracy:.3f}." if teacher_accuracy is not None else "")
+    lines.append("")
+    lines.append("Winner per metric (best mean; 'separated' when its interval does not overlap the runner-up's):")
+    lines.append("")
+    for m, ranked in winners.items():
+        if len(ranked) < 2:
+            continue
+        (best, who), (second, runner) = ranked[0], ranked[1]
+        if best == second:
+            tied = [LABELS[n] for v, n in ranked if v == best]
+            lines.append(f"- {METRICS[m][0]}: tie at {best:.3f} ({', '.join(tied)})")
+            continue
+        hb, hs = stats[who][m][1], stats[runner][m][1]
+        separated = abs(best - second) > hb + hs
+        csd = [(v, n) for v, n in ranked if n.startswith("csd")]
+        note = ""
+        if csd and not who.startswith("csd"):
+            v, n = csd[0]
+            note = f"; best CSD: {LABELS[n]} {v:.3f}"
+        lines.append(f"- {METRICS[m][0]}: **{LABELS[who]}** {best:.3f} vs {LABELS[runner]} {second:.3f} "
+                     f"({'separated' if separated else 'not separated'}){note}")
+    return "\n".join(lines)
+
+
+def plot(curves: dict, losses: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 4, figsize=(18, 8))
+    for ax, (m, (title, up)) in zip(axes.flat, METRICS.items()):
+        for name in losses:
+            steps = sorted(curves[name])
+            stats = [mean_ci(curves[name][s][m]) for s in steps]
+            mean = [s[0] for s in stats]
+            lo = [s[0] - s[1] for s in stats]
+            hi = [s[0] + s[1] for s in stats]
+            (line,) = ax.plot(steps, mean, marker="o", label=LABELS[name])
+            ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.15)
+        ax.set_title(f"{title} {'↑' if up else '↓'}")
+        ax.set_xlabel("compared-stage step")
+    axes.flat[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke check: 2 losses, 2 seeds, 8 prompts, 2 steps")
+    parser.add_argument("--losses", default=",".join(LOSSES), help=f"comma-separated from {', '.join(LOSSES)}")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per loss (>= 3 for the default set)")
+    parser.add_argument("--eval-size", type=int, default=64, help="held-out prompts")
+    parser.add_argument("--warmup-steps", type=int, default=15, help="shared off-policy FKL warm-up steps")
+    parser.add_argument("--steps", type=int, default=12, help="steps of the compared stage")
+    parser.add_argument("--eval-every", type=int, default=6, help="evaluation cadence in the compared stage")
+    parser.add_argument("--new-tokens", type=int, default=32, help="response length (training and evaluation)")
+    parser.add_argument("--out", default="runs/quality", help="output folder (finished runs in it are reused)")
+    args = parser.parse_args()
+    if args.quick:
+        args.losses, args.seeds, args.eval_size = "rkl,csd_ts", 2, 8
+        args.warmup_steps, args.steps, args.eval_every, args.new_tokens = 2, 2, 1, 16
+        args.out = args.out if args.out != "runs/quality" else "runs/quality_quick"
+    losses = [name.strip() for name in args.losses.split(",") if name.strip()]
+    unknown = [name for name in losses if name not in LOSSES]
+    if unknown:
+        sys.exit(f"error: --losses: unknown '{unknown[0]}'; expected some of {', '.join(LOSSES)}")
+    seeds = list(range(args.seeds))
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    cache = out / "teacher_greedy.pt"
+    common = [f"data.eval_size={args.eval_size}", "data.split_seed=0", f"batch.max_new_tokens={args.new_tokens}",
+              f"run.eval_max_new_tokens={args.new_tokens}"]
+
+    ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    t_start = time.perf_counter()
+    warm_dir = out / "warmup"
+    warm_stage = (f"stages=[{{name: warmup, steps: {args.warmup_steps}, sources: [{{kind: teacher}}], "
+                  "loss: {name: fkl}, lr: 2.0e-4}]")
+    t_warm = run([*common, "run.seed=0", warm_stage], warm_dir, cache, args.warmup_steps, skip_first_eval=False)
+    print(f"warm-up: {args.warmup_steps} steps in {t_warm:.0f} s", flush=True)
+    warm = read_metrics(warm_dir / "metrics.jsonl", kind="eval")[-1]
+
+    walls = []
+    for name in losses:
+        loss, sources, mode = LOSSES[name]
+        stage = json.dumps([{"name": name, "steps": args.steps, "sources": sources, "source_mode": mode, "loss": loss}])
+        for seed in seeds:
+            wall = run([*common, f"run.seed={seed}", f"student_model.path={warm_dir / 'final'}",
+                        "student_model.num_layers=0", f"run.eval_every={args.eval_every}", f"stages={stage}"],
+                       out / "runs" / name / f"seed{seed}", cache, args.steps, skip_first_eval=True)
+            walls.append(wall)
+            print(f"{name} seed {seed}: {wall:.0f} s", flush=True)
+    ray.shutdown()
+
+    curves = collect(out, losses, seeds, warm)
+    text = table(curves, losses, seeds, warm, warm.get("eval/teacher_accuracy"))
+    (out / "quality.md").write_text(text + "\n")
+    (out / "quality.json").write_text(json.dumps({"args": vars(args), "warmup": warm, "curves": curves}, indent=1))
+    plot(curves, losses, out / "quality.png")
+    print(text)
+    ran = [w for w in walls if w > 0]
+    total = time.perf_counter() - t_start
+    print(f"\nwall time {total:.0f} s (warm-up {t_warm:.0f} s, {len(ran)} compared runs, "
+          f"{(sum(ran) / len(ran)) if ran else 0:.0f} s each); wrote {out}/quality.md, quality.png, quality.json")
+
+
+if __name__ == "__main__":
+    main()
