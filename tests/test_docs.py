@@ -18,3 +18,43 @@ def test_readme_recipe_reference_is_current():
 @pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "recipes").glob("*.yaml")))
 def test_every_recipe_validates(recipe):
     load_recipe(REPO / "recipes" / recipe)
+
+
+def _leaves(tree, prefix=""):
+    """{dotted.path: value} of a nested mapping; lists are leaves (a base's list is replaced whole)."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out = {}
+    for key, value in tree.items():
+        out.update(_leaves(value, f"{prefix}.{key}" if prefix else key))
+    return out
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "recipes" / "baselines").glob("*.yaml")))
+def test_a_baseline_differs_from_its_base_only_where_it_says_so(recipe):
+    """`base:` merges mappings key by key: a baseline keeps every key of recipes/local.yaml it does not set."""
+    import yaml
+
+    from csd_ray.schema import to_dict
+
+    path = REPO / "recipes" / "baselines" / recipe
+    own = yaml.safe_load(path.read_text())
+    assert own.pop("base") == "../local.yaml"
+    set_here = set(_leaves(own))
+    mine, base = _leaves(to_dict(load_recipe(path))), _leaves(to_dict(load_recipe(REPO / "recipes" / "local.yaml")))
+    changed = {k for k in mine.keys() | base.keys() if mine.get(k) != base.get(k)}
+    assert changed <= set_here, sorted(changed - set_here)
+    assert base["run.seed"] == mine["run.seed"] and mine["run.overlap_offpolicy"] is False  # kept from the base
+
+
+def test_base_merges_nested_mappings_and_replaces_lists(tmp_path):
+    (tmp_path / "parent.yaml").write_text(
+        "run: {steps: 4, seed: 7}\n"
+        "trainer: {lr: 0.5, betas: [0.8, 0.9], loss: {name: csd, params: {weights: [teacher, student], temperature: 2.0}}}\n")
+    (tmp_path / "child.yaml").write_text(
+        "base: parent.yaml\nrun: {steps: 6}\ntrainer: {betas: [0.5, 0.6], loss: {params: {temperature: 0.5}}}\n")
+    r = load_recipe(tmp_path / "child.yaml")
+    assert (r.run.steps, r.run.seed) == (6, 7)
+    assert r.trainer.lr == 0.5 and list(r.trainer.betas) == [0.5, 0.6]
+    assert r.trainer.loss.name == "csd"
+    assert r.trainer.loss.params == {"weights": ["teacher", "student"], "temperature": 0.5}

@@ -34,3 +34,38 @@ def test_concat_rollouts_and_teacher_outputs_line_up():
     assert teacher.offsets.tolist() == [0, 2, 5, 6]
     second = teacher.select(1, 3)
     assert second.rows["ids"][:, 0].tolist() == [13, 14, 15, 21] and second.offsets.tolist() == [0, 3, 4]
+
+
+def test_hf_sampler_puts_every_generated_token_in_the_loss_mask(tmp_path):
+    """The first generated token is a response token too, and its log-prob is the model's own."""
+    from conftest import smoke_recipe
+    from csd_ray.workers.sampler import HFSampler
+
+    sampler = HFSampler(smoke_recipe(tmp_path))
+    eos = sampler.tokenizer.eos_token_id
+    prompts = [[1, 42, 7, 99], [5, 6], [8, 9, 10]]
+    width = max(map(len, prompts))
+    for seed in range(2):
+        rollout = sampler.generate(prompts, [0, 1, 2], max_new_tokens=6, seed=seed)
+        generated = rollout.input_ids[:, width:]
+        for b in range(len(prompts)):
+            row = generated[b].tolist()
+            until = row.index(eos) + 1 if eos in row else len(row)
+            expected = torch.zeros(rollout.input_ids.shape[1], dtype=torch.bool)
+            expected[width : width + until] = True
+            assert torch.equal(rollout.response_mask[b], expected), (b, row)
+            assert torch.equal(rollout.attention_mask[b, width:].bool(), expected[width:])
+        own = sampler.token_logprobs(rollout)
+        assert (rollout.sampled_logprobs[rollout.response_mask] < 0).all()
+        assert torch.allclose(rollout.sampled_logprobs, own, atol=1e-4)
+
+
+def test_response_mask_ends_at_the_first_eos_inclusive():
+    from csd_ray.workers.hf_generate import response_mask_after
+
+    eos = 0
+    sequences = torch.tensor([[9, 9, 5, 0, 6, 0], [9, 9, 0, 7, 0, 8], [9, 9, 5, 6, 7, 8]])
+    mask = response_mask_after(sequences, prompt_width=2, eos_id=eos)
+    assert mask.tolist() == [[False, False, True, True, False, False],
+                             [False, False, True, False, False, False],
+                             [False, False, True, True, True, True]]
