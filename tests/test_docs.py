@@ -9,10 +9,20 @@ from conftest import REPO
 from csd_ray.config import load_recipe
 
 
-def test_readme_recipe_reference_is_current():
+def readme_recipe_reference(readme: str) -> str:
+    """The README's recipe reference: from its first table title to the next section (or the end)."""
+    heading = readme.index("## Recipe reference")
+    start = readme.index("**`", heading)
+    end = readme.find("\n## ", start)
+    return readme[start:] if end == -1 else readme[start:end]
+
+
+def test_readme_recipe_reference_is_the_whole_generated_text():
     ref = subprocess.run([sys.executable, str(REPO / "scripts" / "recipe_reference.py")], capture_output=True,
                          text=True, check=True).stdout
-    assert ref.strip() in (REPO / "README.md").read_text(), "regenerate: python scripts/recipe_reference.py"
+    readme = (REPO / "README.md").read_text()
+    assert readme_recipe_reference(readme).strip() == ref.strip(), "regenerate: python scripts/recipe_reference.py"
+    assert readme.count(ref.strip().splitlines()[0]) == 1  # no stale copy anywhere else either
 
 
 @pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "recipes").glob("*.yaml")))
