@@ -68,3 +68,16 @@ def test_base_merges_nested_mappings_and_replaces_lists(tmp_path):
     assert r.trainer.lr == 0.5 and list(r.trainer.betas) == [0.5, 0.6]
     assert r.trainer.loss.name == "csd"
     assert r.trainer.loss.params == {"weights": ["teacher", "student"], "temperature": 0.5}
+
+
+def test_an_error_names_the_recipe_file_that_set_the_key(tmp_path):
+    from csd_ray.schema import ConfigError
+
+    (tmp_path / "parent.yaml").write_text("run:\n  steps: many\n")
+    (tmp_path / "child.yaml").write_text("base: parent.yaml\ntrainer:\n  lr: fast\n")
+    with pytest.raises(ConfigError) as err:
+        load_recipe(tmp_path / "child.yaml", ["trainer.lr=1e-4"])
+    assert "parent.yaml:2" in str(err.value) and "run.steps" in str(err.value), str(err.value)
+    with pytest.raises(ConfigError) as err:
+        load_recipe(tmp_path / "child.yaml", ["run.steps=3"])
+    assert "child.yaml:3" in str(err.value) and "trainer.lr" in str(err.value), str(err.value)

@@ -228,3 +228,26 @@ def test_a_nonfinite_step_leaves_the_weights_and_optimizer_untouched(trainers):
     final = group.call("parameters_vector")[0]
     assert not good[0]["skipped_nonfinite"] and torch.isfinite(final).all()
     assert (final - after_good).abs().max() > 1e-6 and (after_good - before).abs().max() > 1e-6
+
+
+def test_source_probabilities_loss_weights_and_lr_schedule_shape_training(ray_session, tmp_path):
+    """GKD's λ picks the source; a zero loss weight trains nothing; the lr follows warm-up then decay."""
+    recipe = smoke_recipe(
+        tmp_path, "run.steps=4", "run.seed=3", "trainer.warmup_steps=2", "trainer.lr_schedule=linear",
+        "run.checkpoint_every=1", "run.keep_checkpoints=2",
+        "batch.sources=[{kind: student, probability: 0.0}, {kind: teacher, probability: 1.0, loss_weight: 0.0}]",
+    )
+    final = Controller(recipe, log=lambda m: None).run()
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["sources"] for r in records] == [["teacher"]] * 4  # probability 0: never drawn
+    assert [r["lr"] for r in records] == pytest.approx([0.5e-3, 1e-3, 1e-3, 0.5e-3], rel=1e-9)
+    assert all(r["loss"] == 0 and r["tokens"] > 0 for r in records)
+    from transformers import AutoModelForCausalLM
+
+    trained = AutoModelForCausalLM.from_pretrained(final).state_dict()
+    start = HFSampler(recipe).model.state_dict()
+    assert all(torch.equal(trained[k], start[k]) for k in trained)  # weight 0: the student never moved
+    from csd_ray.controller import complete_checkpoints
+
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_000003", "step_000004"]  # keep_checkpoints=2
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] != [] and not list((tmp_path / "checkpoints").glob(".tmp-*"))
