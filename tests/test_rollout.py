@@ -1,5 +1,6 @@
 """Joining shards from several sampler/teacher replicas keeps every token and loss row in order."""
 
+import pytest
 import torch
 
 from csd_ray.rollout import TeacherOutput, concat_rollouts, rollout_from_tokens, row_offsets
@@ -69,3 +70,53 @@ def test_response_mask_ends_at_the_first_eos_inclusive():
     assert mask.tolist() == [[False, False, True, True, False, False],
                              [False, False, True, False, False, False],
                              [False, False, True, True, True, True]]
+
+
+def test_rollout_from_tokens_layout_select_and_metadata():
+    r = rollout_from_tokens([[5, 6, 7], [8]], [[11, 12], []], pad_id=0, weight_version=4, source="dataset",
+                            prompt_indices=[10, 20], rollout_id=9, seconds=1.5, worker_pid=77)
+    assert r.input_ids.tolist() == [[5, 6, 7, 11, 12], [0, 0, 8, 0, 0]]
+    assert r.attention_mask.tolist() == [[1, 1, 1, 1, 1], [0, 0, 1, 0, 0]]
+    assert r.response_mask.tolist() == [[False, False, False, True, True], [False] * 5]
+    assert r.target_mask().tolist() == [[False, False, True, True], [False] * 4]
+    assert (r.num_sequences, r.num_tokens()) == (2, 2)
+    second = r.select(1, 2)
+    assert second.input_ids.tolist() == [[0, 0, 8, 0, 0]] and second.prompt_indices == [20]
+    assert (second.weight_version, second.source, second.loss_weight, second.rollout_id, second.seconds,
+            second.worker_pid) == (4, "dataset", 1.0, 9, 1.5, 77)
+    assert second.sampled_logprobs is None and second.student_topk_ids is None
+    empty = rollout_from_tokens([[1, 2]], [[]], pad_id=0)
+    assert empty.input_ids.shape == (1, 3) and empty.num_tokens() == 0  # one column even with no response
+
+
+def test_teacher_output_select_signal_and_size():
+    from csd_ray.losses import DenseTeacher, HiddenTeacher, TopKTeacher
+
+    offsets = row_offsets(torch.tensor([[True, True, False], [False, False, False], [True, True, True]]))
+    assert offsets.tolist() == [0, 2, 2, 5]
+    logits = torch.arange(5 * 4, dtype=torch.float32).reshape(5, 4)
+    out = TeacherOutput("logits", {"logits": logits}, offsets, seconds=2.0, worker_pid=5)
+    part = out.select(1, 3)
+    assert part.rows["logits"].tolist() == logits[2:].tolist() and part.offsets.tolist() == [0, 0, 3]
+    assert (part.payload, part.seconds, part.worker_pid) == ("logits", 2.0, 5)
+    assert out.nbytes() == 5 * 4 * 4
+    moved = out.to(torch.device("cpu"))
+    assert torch.equal(moved.rows["logits"], logits) and (moved.seconds, moved.worker_pid) == (2.0, 5)
+    assert isinstance(out.signal(), DenseTeacher)
+    topk = TeacherOutput("topk", {"ids": torch.zeros(5, 2, dtype=torch.long), "logprobs": torch.zeros(5, 2)}, offsets)
+    assert isinstance(topk.signal(), TopKTeacher) and topk.nbytes() == 5 * 2 * (8 + 4)
+    hidden = TeacherOutput("hidden", {"hidden": torch.zeros(5, 3)}, offsets)
+    head = torch.ones(4, 3)
+    signal = hidden.signal(head)
+    assert isinstance(signal, HiddenTeacher) and signal.lm_head is head
+    with pytest.raises(AssertionError, match="needs the teacher's lm_head"):
+        hidden.signal()
+
+
+def test_concat_of_one_part_is_that_part_and_versions_take_the_oldest():
+    a = _shard([[5, 6]], [[7]], version=3)
+    assert concat_rollouts([a]) is a
+    b = _shard([[1]], [[2, 3]], version=1)
+    b.seconds, a.seconds = 4.0, 2.0
+    joined = concat_rollouts([a, b])
+    assert joined.weight_version == 1 and joined.seconds == 4.0 and joined.prompt_indices == [0, 0]
