@@ -1,0 +1,89 @@
+"""The controller's pure decisions (no Ray): what may launch when, curriculum, shards, resume checks."""
+
+import json
+
+import pytest
+
+from conftest import smoke_recipe
+from csd_ray.controller import Controller, _first_line, _shards, complete_checkpoints, fingerprint
+from csd_ray.schema import ConfigError
+
+
+def _controller(tmp_path, *overrides):
+    return Controller(smoke_recipe(tmp_path, *overrides), log=lambda m: None)
+
+
+def test_sync_mode_samples_only_after_the_previous_step_trained(tmp_path):
+    c = _controller(tmp_path, "run.steps=6")
+    c.step, c.synced_version = 2, 2
+    assert [c._may_launch(i) for i in (2, 3)] == [True, False]
+
+
+def test_async_mode_runs_ahead_by_at_most_max_staleness(tmp_path):
+    c = _controller(tmp_path, "run.steps=9", "run.mode=async", "run.max_staleness=2")
+    c.step, c.synced_version = 3, 3
+    assert [c._may_launch(i) for i in (3, 4, 5, 6)] == [True, True, True, False]
+    c.synced_version = 2  # the sampler's weights lag one version: one step less ahead
+    assert [c._may_launch(i) for i in (4, 5)] == [True, False]
+
+
+@pytest.mark.parametrize("overlap, expected", [("true", [True, True, False]), ("false", [True, False, False])])
+def test_offpolicy_responses_are_produced_one_step_ahead_when_overlapping(tmp_path, overlap, expected):
+    c = _controller(tmp_path, "run.steps=6", "batch.sources=[{kind: teacher}]", f"run.overlap_offpolicy={overlap}")
+    c.step = 1
+    assert [c._may_launch(i) for i in (1, 2, 3)] == expected
+
+
+def test_curriculum_grows_the_response_length_linearly(tmp_path):
+    c = _controller(tmp_path, "batch.curriculum.start_tokens=4", "batch.curriculum.warmup_steps=4")
+    assert [c._max_new_tokens(i, 12) for i in range(6)] == [4, 6, 8, 10, 12, 12]
+    assert c._max_new_tokens(0, 3) == 3  # never above the stage's cap
+    assert _controller(tmp_path)._max_new_tokens(0, 12) == 12  # no curriculum
+
+
+def test_shards_split_a_batch_between_replicas():
+    assert list(_shards(["a", "b"], 5)) == [("a", 0, 3), ("b", 3, 5)]
+    assert list(_shards(["a", "b", "c"], 2)) == [("a", 0, 1), ("b", 1, 2)]
+    assert list(_shards(["a"], 4)) == [("a", 0, 4)]
+
+
+def test_first_line_of_an_error():
+    assert _first_line(RuntimeError("\n  first  \nsecond")) == "first"
+    assert _first_line(RuntimeError("")) == "RuntimeError"
+    assert len(_first_line(RuntimeError("x" * 500))) == 300
+
+
+def _checkpoint(run_dir, step, recipe, complete=True, **state):
+    path = run_dir / "checkpoints" / f"step_{step:06d}"
+    path.mkdir(parents=True)
+    (path / "controller.json").write_text(json.dumps({"step": step, "version": step, "fingerprint": fingerprint(recipe),
+                                                      **state}))
+    if complete:
+        (path / "COMPLETE").write_text("ok\n")
+    return path
+
+
+def test_resume_points(tmp_path):
+    recipe = smoke_recipe(tmp_path, "run.steps=5")
+    assert _controller(tmp_path, "run.steps=5")._resume_point() is None
+    assert complete_checkpoints(tmp_path) == []
+    _checkpoint(tmp_path, 10, recipe)
+    _checkpoint(tmp_path, 2, recipe)
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_000002", "step_000010"]  # by step, not name
+    with pytest.raises(ConfigError, match="at step 10, beyond run.steps=5"):
+        _controller(tmp_path, "run.steps=5")._resume_point()
+    assert _controller(tmp_path, "run.steps=10")._resume_point().name == "step_000010"
+    explicit = tmp_path / "checkpoints" / "step_000002"
+    assert _controller(tmp_path, "run.steps=5", f"run.resume={explicit}")._resume_point() == explicit
+    with pytest.raises(ConfigError, match="already holds checkpoints \\(step_000010\\)"):
+        _controller(tmp_path, "run.steps=10", "run.resume=never")._resume_point()
+    assert _controller(tmp_path / "fresh", "run.resume=never")._resume_point() is None
+    with pytest.raises(ConfigError, match=r"incompatible run \(trainer_ranks: checkpoint 2, recipe 1\)"):
+        _controller(tmp_path, "run.steps=10", "trainer.num_ranks=1")._resume_point()
+
+
+def test_fingerprint_names_what_a_checkpoint_must_agree_on(tmp_path):
+    f = fingerprint(smoke_recipe(tmp_path))
+    assert f == {"student": "tiny", "num_layers": 0, "keep_layers": [], "tiny": f["tiny"], "trainer_ranks": 2, "seed": 0}
+    assert f["tiny"]["seed"] == 2 and f["tiny"]["num_layers"] == 1
+    assert fingerprint(smoke_recipe(tmp_path, "run.seed=4"))["seed"] == 4
