@@ -120,3 +120,20 @@ def test_concat_of_one_part_is_that_part_and_versions_take_the_oldest():
     b.seconds, a.seconds = 4.0, 2.0
     joined = concat_rollouts([a, b])
     assert joined.weight_version == 1 and joined.seconds == 4.0 and joined.prompt_indices == [0, 0]
+
+
+def test_each_trainer_rank_takes_its_own_equal_share_of_sequences_and_teacher_rows(tmp_path):
+    from conftest import smoke_recipe
+    from csd_ray.workers.trainer import TrainerRank
+
+    threads = torch.get_num_threads()
+    try:
+        ranks = [TrainerRank(smoke_recipe(tmp_path), r, 2) for r in (0, 1)]
+    finally:
+        torch.set_num_threads(threads)  # the constructor sizes this process's threads like an actor's
+    rollout = rollout_from_tokens([[1], [2], [3], [4], [5]], [[11, 12], [13], [14, 15, 16], [17], [18]], pad_id=0,
+                                  prompt_indices=[0, 1, 2, 3, 4])
+    teacher = TeacherOutput("logits", {"logits": torch.arange(8.0)[:, None]}, row_offsets(rollout.target_mask()))
+    shares = [rank._my_share(rollout, teacher) for rank in ranks]
+    assert [s.prompt_indices for s, _ in shares] == [[0, 1], [2, 3]]  # 5 // 2 each (recipes must divide evenly: config check)
+    assert [t.rows["logits"].squeeze(1).tolist() for _, t in shares] == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0, 6.0]]
