@@ -56,3 +56,10 @@ def test_mean_nll_averages_over_response_tokens_only():
 ])
 def test_accuracy_reads_the_last_number_of_an_answer(text, number):
     assert extract_number(text) == number
+
+
+def test_edge_cases_of_the_metrics():
+    empty = rollout_from_tokens([[1]], [[]], pad_id=0)
+    assert mean_nll(torch.zeros(empty.input_ids.shape), empty) != mean_nll(torch.zeros(empty.input_ids.shape), empty)
+    assert sample_stats([[4, 5, 0]], eos=0) == {"distinct2": 1.0, "eos_rate": 1.0, "mean_len": 3.0}
+    assert sample_stats([], eos=0) == {"distinct2": 0.0, "eos_rate": 0.0, "mean_len": 0.0}

@@ -134,6 +134,52 @@ def test_each_trainer_rank_takes_its_own_equal_share_of_sequences_and_teacher_ro
     rollout = rollout_from_tokens([[1], [2], [3], [4], [5]], [[11, 12], [13], [14, 15, 16], [17], [18]], pad_id=0,
                                   prompt_indices=[0, 1, 2, 3, 4])
     teacher = TeacherOutput("logits", {"logits": torch.arange(8.0)[:, None]}, row_offsets(rollout.target_mask()))
+    assert ranks[0].version == 0 and ranks[0].teacher_lm_head is None  # a fresh rank: no step, no teacher head yet
     shares = [rank._my_share(rollout, teacher) for rank in ranks]
     assert [s.prompt_indices for s, _ in shares] == [[0, 1], [2, 3]]  # 5 // 2 each (recipes must divide evenly: config check)
     assert [t.rows["logits"].squeeze(1).tolist() for _, t in shares] == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0, 6.0]]
+
+
+def _full_shard(prompts, responses, version, rollout_id, pid, k=2):
+    r = _shard(prompts, responses, version)
+    r.student_topk_ids = torch.where(r.response_mask[..., None], r.input_ids[..., None] + torch.arange(k), -1)
+    r.source, r.loss_weight, r.rollout_id, r.worker_pid = "teacher", 0.5, rollout_id, pid
+    return r
+
+
+def test_concat_and_select_carry_every_field_exactly():
+    a = _full_shard([[5, 6], [7]], [[11, 12, 13], [14]], version=3, rollout_id=8, pid=100)
+    b = _full_shard([[9, 9, 9]], [[21]], version=2, rollout_id=9, pid=200)
+    j = concat_rollouts([a, b])
+    assert j.input_ids.tolist() == [[0, 5, 6, 11, 12, 13], [0, 0, 7, 14, 0, 0], [9, 9, 9, 21, 0, 0]]
+    assert j.attention_mask.dtype == a.attention_mask.dtype
+    assert j.attention_mask.tolist() == [[0, 1, 1, 1, 1, 1], [0, 0, 1, 1, 0, 0], [1, 1, 1, 1, 0, 0]]
+    assert j.response_mask.tolist() == [[False] * 3 + [True] * 3, [False] * 3 + [True, False, False],
+                                        [False] * 3 + [True, False, False]]
+    assert j.sampled_logprobs.tolist() == [[0, 0, 0, -11, -12, -13], [0, 0, 0, -14, 0, 0], [0, 0, 0, -21, 0, 0]]
+    assert j.student_topk_ids[:, :, 0].tolist() == [[-1, -1, -1, 11, 12, 13], [-1, -1, -1, 14, -1, -1],
+                                                    [-1, -1, -1, 21, -1, -1]]
+    assert j.student_topk_ids[0, 3].tolist() == [11, 12]
+    assert (j.source, j.loss_weight, j.rollout_id, j.worker_pid, j.weight_version) == ("teacher", 0.5, 8, 100, 2)
+    part = j.select(1, 3)
+    for name in ("input_ids", "attention_mask", "response_mask", "sampled_logprobs", "student_topk_ids"):
+        assert torch.equal(getattr(part, name), getattr(j, name)[1:3]), name
+    assert part.prompt_indices == [1, 0]
+
+
+def test_teacher_output_select_offsets_payload_and_joins():
+    offsets = torch.tensor([0, 2, 2, 5])
+    out = TeacherOutput("topk", {"ids": torch.arange(10).reshape(5, 2), "logprobs": torch.zeros(5, 2)}, offsets)
+    assert out.select(0, 1).offsets.tolist() == [0, 2] and out.to(torch.device("cpu")).payload == "topk"
+    assert out.select(2, 3).offsets.tolist() == [0, 3] and out.select(2, 3).rows["ids"][:, 0].tolist() == [4, 6, 8]
+    assert row_offsets(torch.tensor([[True]])).dtype == torch.long
+    from csd_ray.workers.trainer import concat_teacher_outputs
+
+    one = TeacherOutput("topk", {"ids": torch.ones(1, 1, dtype=torch.long), "logprobs": torch.zeros(1, 1)},
+                        torch.tensor([0, 1]))
+    assert concat_teacher_outputs([out]) is out
+    joined = concat_teacher_outputs([one, out, one])  # narrower first part: padded with id 0 and -inf
+    assert joined.payload == "topk" and joined.offsets.tolist() == [0, 1, 3, 3, 6, 7]
+    assert joined.offsets.dtype == torch.long
+    assert joined.rows["ids"][0].tolist() == [1, 0] and joined.rows["logprobs"][0, 1].item() == float("-inf")
+    assert joined.rows["ids"][1:6].tolist() == out.rows["ids"].tolist()

@@ -22,3 +22,9 @@ def test_lr_factor_without_warmup_and_past_the_end():
     assert lr_factor(9, 0, 4, "linear") == 0.0 and lr_factor(9, 0, 4, "cosine") == pytest.approx(0.0)
     assert lr_factor(3, 5, 5, "cosine") == pytest.approx(4 / 5)  # all warm-up: no decay left
     assert lr_factor(7, 5, 5, "linear") == 1.0
+
+
+def test_linear_decay_over_a_single_step_after_warmup():
+    assert lr_factor(3, 2, 4, "linear") == 0.5  # (3 - 2) / (4 - 2)
+    assert lr_factor(2, 1, 3, "linear") == 0.5 and lr_factor(1, 0, 2, "linear") == 0.5
+    assert lr_factor(3, 2, 3, "linear") == 0.0  # one decay step: past it, nothing left
