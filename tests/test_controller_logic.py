@@ -87,3 +87,23 @@ def test_fingerprint_names_what_a_checkpoint_must_agree_on(tmp_path):
     assert f == {"student": "tiny", "num_layers": 0, "keep_layers": [], "tiny": f["tiny"], "trainer_ranks": 2, "seed": 0}
     assert f["tiny"]["seed"] == 2 and f["tiny"]["num_layers"] == 1
     assert fingerprint(smoke_recipe(tmp_path, "run.seed=4"))["seed"] == 4
+
+
+def test_more_launch_and_resume_rules(tmp_path):
+    c = _controller(tmp_path, "run.steps=4",
+                    "stages=[{steps: 2, sources: [{kind: teacher}]}, {steps: 2, sources: [{kind: student}]}]")
+    c.step, c.synced_version = 2, 2
+    assert [c._may_launch(i) for i in (2, 3)] == [True, False]  # stage 2 is on-policy: no running ahead
+    c.step = 0
+    assert [c._may_launch(i) for i in (0, 1, 2)] == [True, True, False]  # stage 1: teacher samples one ahead
+    assert _controller(tmp_path, "batch.curriculum.warmup_steps=4")._max_new_tokens(1, 12) == 12  # no start: off
+    assert _controller(tmp_path, "batch.curriculum.start_tokens=4")._max_new_tokens(1, 12) == 12  # no warm-up: off
+    recipe = smoke_recipe(tmp_path, "run.steps=5")
+    half = _checkpoint(tmp_path, 3, recipe, complete=False)
+    with pytest.raises(ConfigError, match="not a complete csd_ray checkpoint") as err:
+        _controller(tmp_path, "run.steps=5", f"run.resume={half}")._resume_point()
+    assert err.value.key == "run.resume"
+    _checkpoint(tmp_path, 1, recipe)
+    with pytest.raises(ConfigError) as err:
+        _controller(tmp_path, "run.resume=never")._resume_point()
+    assert err.value.key == "run.resume" and "use another run.output_dir or run.resume=auto to continue it" in str(err.value)

@@ -118,3 +118,15 @@ def test_deep_merge_does_not_touch_its_inputs():
     base, over = {"a": {"b": 1, "c": 2}, "l": [1]}, {"a": {"b": 3}, "l": [2], "n": {"x": 1}}
     assert deep_merge(base, over) == {"a": {"b": 3, "c": 2}, "l": [2], "n": {"x": 1}}
     assert base == {"a": {"b": 1, "c": 2}, "l": [1]}
+
+
+def test_type_names_in_messages_and_the_reference():
+    from typing import Union
+
+    from csd_ray.schema import _type_name
+
+    assert _type_name(Literal["a", "b"]) == "'a' | 'b'"
+    assert _type_name(Optional[int]) == "int" and _type_name(Union[int, str]) == "int or str"
+    assert _type_name(list) == "list" and _type_name(list[Inner]) == "list of mapping (section)"
+    assert _type_name(dict[str, int]) == "mapping" and _type_name(Inner) == "mapping (section)"
+    assert _type_name(float) == "float"
