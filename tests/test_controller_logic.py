@@ -107,3 +107,28 @@ def test_more_launch_and_resume_rules(tmp_path):
     with pytest.raises(ConfigError) as err:
         _controller(tmp_path, "run.resume=never")._resume_point()
     assert err.value.key == "run.resume" and "use another run.output_dir or run.resume=auto to continue it" in str(err.value)
+
+
+def test_a_fresh_controller_and_the_exact_resume_refusals(tmp_path):
+    seen = []
+    c = Controller(smoke_recipe(tmp_path, "batch.replay.capacity=3"), log=seen.append)
+    assert (c.step, c.version, c.synced_version, c._sync_seconds, c.attempt) == (0, 0, 0, 0.0, 0)
+    assert c.replay.maxlen == 3 and c.failures == {"sampler": 0, "teacher": 0, "trainer": 0}
+    c.log("hello")
+    assert seen == ["hello"]
+    recipe = smoke_recipe(tmp_path, "run.steps=9")
+    _checkpoint(tmp_path, 4, recipe)
+    with pytest.raises(ConfigError) as err:
+        _controller(tmp_path, "run.steps=9", "run.seed=5", "trainer.num_ranks=1")._resume_point()
+    assert err.value.key == "run.resume" and err.value.detail == (
+        f"{tmp_path / 'checkpoints' / 'step_000004'} belongs to an incompatible run (trainer_ranks: checkpoint 2, "
+        "recipe 1; seed: checkpoint 0, recipe 5); use another run.output_dir or run.resume=PATH")
+    with pytest.raises(ConfigError) as err:
+        _controller(tmp_path, "run.steps=3")._resume_point()
+    assert err.value.key == "run.steps"
+    old = tmp_path / "old" / "checkpoints" / "step_000001"
+    old.mkdir(parents=True)
+    (old / "controller.json").write_text(json.dumps({"step": 1}))  # no fingerprint: nothing matches
+    (old / "COMPLETE").write_text("ok\n")
+    with pytest.raises(ConfigError, match="student: checkpoint None, recipe 'tiny'"):
+        _controller(tmp_path / "old")._resume_point()
