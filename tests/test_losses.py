@@ -243,6 +243,22 @@ def test_fused_float32_and_bfloat16_inputs_are_computed_in_fp32():
     assert v16.item() == pytest.approx(v_ref.item(), rel=1e-6)
 
 
+@pytest.mark.parametrize("name", ["csd", "fkl"])
+def test_fused_path_does_its_math_in_fp32_for_bfloat16_inputs(name):
+    """bf16 hidden states and lm_head: value and gradients equal the fp32 computation on the same
+    (bf16-representable) numbers; bf16 logits would be ~1e-2 off."""
+    h, w, _, th, tw, mask, v = _linear_case()
+    h16, w16, th16, tw16 = (x.bfloat16() for x in (h * 3, w, th * 3, tw))
+    loss = get_loss(name, vocab_size=v, chunk_size=4)
+    v16, (gh16, gw16) = _grad(lambda h, w: loss.fused(h, w, HiddenTeacher(th16.float(), tw16.float()), mask), h16, w16)
+    v32, (gh32, gw32) = _grad(lambda h, w: loss.fused(h, w, HiddenTeacher(th16.float(), tw16.float()), mask),
+                              h16.float(), w16.float())
+    assert v16.dtype == torch.float32 and gh16.dtype == torch.bfloat16 and gw16.dtype == torch.bfloat16
+    assert v16.item() == pytest.approx(v32.item(), rel=1e-6)
+    # Gradients come back in bf16: equal to the fp32 gradients rounded once.
+    assert torch.equal(gh16, gh32.bfloat16()) and torch.equal(gw16, gw32.bfloat16())
+
+
 def test_masked_positions_and_padded_vocabulary_contribute_nothing():
     z, t, mask = _inputs(v=10)
     loss = get_loss("csd", weights=("uniform", "student"), vocab_size=10)
@@ -259,18 +275,59 @@ def test_masked_positions_and_padded_vocabulary_contribute_nothing():
     assert g1[:, 10:].abs().max() == 0 and g1[~mask].abs().max() == 0
 
 
-@pytest.mark.parametrize("name", ["csd", "fkl", "rkl", "tvd"])
-def test_minus_inf_logits_are_excluded_from_sums_and_weights(name):
+# Every loss, CSD under each weighting: a -inf logit (teacher or student side) is no vocabulary entry.
+MINUS_INF_CASES = [
+    pytest.param(name, weights, side, id=f"{side}-{name}" + (f"-{weights[0]}" if weights else ""))
+    for side in ("teacher", "student")
+    for name, weights in [("csd", w) for w in WEIGHTINGS] + [(n, None) for n in available_losses() if n not in ("csd", "ce", "mix")]
+]  # ce and mix (targets, terms) are checked in tests/test_losses_lm.py
+
+
+@pytest.mark.parametrize("name, weights, side", MINUS_INF_CASES)
+def test_minus_inf_logits_are_excluded_from_sums_and_weights(name, weights, side):
     z, t, mask = _inputs(v=12)
     banned = torch.zeros_like(t, dtype=torch.bool)
     banned[:, [2, 7]] = True
-    loss = get_loss(name, weights=("uniform", "student")) if name == "csd" else get_loss(name)
-    value, (grad,) = _grad(lambda z: loss(z, t.masked_fill(banned, float("-inf")), mask), z)
+    loss = get_loss(name, weights=weights, alpha=0.15) if weights else get_loss(name)
+    if side == "teacher":
+        value, (grad,) = _grad(lambda z: loss(z, t.masked_fill(banned, float("-inf")), mask), z)
+    else:
+        value, (grad,) = _grad(lambda z: loss(z.masked_fill(banned, float("-inf")), t, mask), z)
     keep = [i for i in range(12) if i not in (2, 7)]
     ref, (ref_grad,) = _grad(lambda zk: loss(zk, t[:, keep], mask), z[:, keep])
     assert math.isfinite(value.item()) and value.item() == pytest.approx(ref.item(), rel=1e-12)
     assert torch.allclose(grad[:, keep], ref_grad, atol=1e-14)
     assert grad[:, [2, 7]].abs().max() == 0
+
+
+def _restricted_ref(name, z, t, lam=0.1, beta=0.5):
+    """Independent per-row reference of a KL-type loss on an index set: both sides renormalised there."""
+    log_p, log_q = torch.log_softmax(t, -1), torch.log_softmax(z, -1)
+    p, q = log_p.exp(), log_q.exp()
+    if name == "fkl":
+        return (p * (log_p - log_q)).sum(-1)
+    if name == "rkl":
+        return (q * (log_q - log_p)).sum(-1)
+    if name == "tvd":
+        return 0.5 * (p - q).abs().sum(-1)
+    if name == "sfkl":
+        return (p * (p / (lam * p + (1 - lam) * q)).log()).sum(-1)
+    if name == "srkl":
+        return (q * (q / (lam * q + (1 - lam) * p)).log()).sum(-1)
+    m = beta * p + (1 - beta) * q  # gjsd
+    return beta * (p * (p / m).log()).sum(-1) + (1 - beta) * (q * (q / m).log()).sum(-1)
+
+
+@pytest.mark.parametrize("name", ["fkl", "rkl", "gjsd", "sfkl", "srkl", "tvd"])
+def test_topk_payload_renormalises_both_distributions_over_the_index_set(name):
+    z, t, mask = _inputs(v=20)
+    k = 5
+    payload = topk_from_logits(t, k=k)  # teacher log-probs: their mass on the set is < 1
+    assert (payload.logprobs.exp().sum(-1) < 0.99).all()
+    value, _ = get_loss(name)(z, payload, mask)
+    ids = payload.ids
+    per_row = _restricted_ref(name, z.gather(1, ids), t.gather(1, ids))
+    assert value.item() == pytest.approx(per_row[mask].mean().item(), rel=1e-12)
 
 
 def test_float_mask_weights_tokens_and_normalizer_overrides_count():
@@ -377,3 +434,153 @@ def test_a_second_backward_through_a_retained_graph_adds_the_same_gradient():
     once = h.grad.clone()
     (fused * 3).backward()
     assert torch.allclose(h.grad, 4 * once)
+
+
+# ---- edges the mutation run (README, "Mutation testing") showed unguarded --------------------------
+def test_csd_autograd_reference_path_equals_the_closed_form():
+    """CSDLoss.token_loss (the plain autograd formula) and token_loss_and_grad agree row by row."""
+    z, t, _ = _inputs()
+    valid = torch.ones_like(z, dtype=torch.bool)
+    valid[0, 3] = False
+    for weights in WEIGHTINGS:
+        loss = get_loss("csd", weights=weights, temperature=0.8, alpha=0.3)
+        per_row, grad = loss.token_loss_and_grad(z, t, valid)
+        zz = z.clone().requires_grad_(True)
+        auto = loss.token_loss(zz, t, valid)
+        (auto_grad,) = torch.autograd.grad(auto.sum(), zz)
+        assert torch.allclose(auto, per_row, atol=1e-12) and torch.allclose(auto_grad, grad, atol=1e-12), weights
+
+
+def test_describe_bytes_per_token_and_chunk_rows():
+    assert get_loss("csd").describe() == "csd(weights=('student', 'student'), alpha=0.5, temperature=1.0)"
+    assert get_loss("gjsd", beta=0.25).describe() == "gjsd(temperature=1.0, beta=0.25)"
+    from csd_ray.losses.signals import DenseTeacher
+
+    assert DenseTeacher(torch.zeros(3, 10)).bytes_per_token() == 40
+    assert TopKTeacher(torch.zeros(3, 4, dtype=torch.long), torch.zeros(3, 4)).bytes_per_token() == 4 * (8 + 4)
+    assert HiddenTeacher(torch.zeros(3, 6, dtype=torch.bfloat16), torch.zeros(10, 6)).bytes_per_token() == 12
+    assert get_loss("csd", chunk_size=3).chunk_rows(100) == 3
+    assert get_loss("csd").chunk_rows(49152) == (1 << 23) // 49152 and get_loss("csd").chunk_rows(1) == 1 << 23
+    assert get_loss("csd").chunk_rows(1 << 24) == 1
+
+
+def test_error_messages_name_what_is_accepted():
+    with pytest.raises(LossConfigError, match=r"^csd: unknown parameter 'foo'; accepted: alpha, temperature, weights$"):
+        get_loss("csd", foo=1)
+    with pytest.raises(LossConfigError, match=r"^dld: unknown parameter 'foo'; accepted: none besides vocab_size and chunk_size$"):
+        get_loss("dld", foo=1)
+    names = "ce, csd, dld, fkl, gjsd, mix, rkl, sfkl, srkl, tvd"
+    with pytest.raises(LossConfigError, match=rf"^unknown loss 'zzzz' \(available: {names}\)$"):
+        get_loss("zzzz")
+    with pytest.raises(LossConfigError, match=rf"^unknown loss 'cds'; did you mean 'csd'\? \(available: {names}\)$"):
+        get_loss("cds")
+    with pytest.raises(LossConfigError, match=r"unknown weighting 'x' in 'weights'; expected one of student, teacher, uniform, mix"):
+        get_loss("csd", weights=("x", "student"))
+    from csd_ray.losses.registry import register_loss
+
+    with pytest.raises(ValueError, match="loss 'csd' registered twice"):
+        register_loss("csd")(type("Again", (), {}))
+    assert get_loss("tvd").name == "tvd"
+
+
+@pytest.mark.parametrize("name, params, ok", [
+    ("csd", {"vocab_size": 1}, True), ("csd", {"chunk_size": 1}, True), ("csd", {"chunk_size": 0}, False),
+    ("csd", {"alpha": 0.0}, True), ("csd", {"alpha": 1.0}, True), ("csd", {"weights": "ts"}, False),
+    ("fkl", {"temperature": 0.0}, False), ("sfkl", {"skew": 0.0}, False), ("srkl", {"skew": 0.999}, True),
+])
+def test_parameter_boundaries(name, params, ok):
+    if ok:
+        get_loss(name, **params)
+    else:
+        with pytest.raises(LossConfigError):
+            get_loss(name, **params)
+
+
+def test_shape_errors_name_the_shapes():
+    loss = get_loss("csd")
+    mask = torch.ones(7, dtype=torch.bool)
+    with pytest.raises(LossInputError, match=r"student_hidden must be \[N, d\] and student_lm_head \[V, d\]; got \(7, 6, 1\) and \(13, 6\)"):
+        loss.fused(torch.zeros(7, 6, 1), torch.zeros(13, 6), torch.zeros(7, 13), mask)
+    with pytest.raises(LossInputError, match=r"got \(7, 6\) and \(13, 6, 1\)"):
+        loss.fused(torch.zeros(7, 6), torch.zeros(13, 6, 1), torch.zeros(7, 13), mask)
+    with pytest.raises(LossInputError, match=r"got hidden \(7, 6, 1\) and lm_head \(13, 6\)"):
+        HiddenTeacher(torch.zeros(7, 6, 1), torch.zeros(13, 6))
+    with pytest.raises(LossInputError, match=r"got hidden \(7, 6\) and lm_head \(13, 6, 1\)"):
+        HiddenTeacher(torch.zeros(7, 6), torch.zeros(13, 6, 1))
+    with pytest.raises(LossInputError, match=r"teacher logits must be \[N, V\]; got shape \(7,\)"):
+        loss(torch.zeros(7, 13), torch.zeros(7), mask)
+    with pytest.raises(LossInputError, match="got str"):
+        loss(torch.zeros(7, 13), "logits", mask)
+    with pytest.raises(LossInputError, match=r"vocab_size=10 but student logits have 12 and teacher logits 8 columns"):
+        get_loss("csd", vocab_size=10)(torch.zeros(7, 12), torch.zeros(7, 8), mask)
+    with pytest.raises(LossInputError, match="normalizer must be positive, got 0"):
+        loss(torch.zeros(7, 13), torch.zeros(7, 13), torch.eye(7)[0].bool(), normalizer=0)
+    value, _ = loss(torch.zeros(7, 13), torch.zeros(7, 13), torch.zeros(7, dtype=torch.bool), normalizer=0)
+    assert value.item() == 0  # nothing selected: nothing to divide
+
+
+def test_fused_normalizer_and_hidden_teacher_bias():
+    h, w, bias, th, tw, mask, v = _linear_case()
+    loss = get_loss("fkl", vocab_size=v)
+    tbias = torch.linspace(-1, 1, tw.shape[0], dtype=F64)
+    teacher = HiddenTeacher(th, tw, tbias)
+    plain, _ = loss.fused(h, w, teacher, mask)
+    assert loss.fused(h, w, teacher, mask, normalizer=2 * mask.sum().item())[0].item() == pytest.approx(plain.item() / 2)
+    assert plain.item() == pytest.approx(loss(h @ w.t(), th @ tw.t() + tbias, mask)[0].item(), rel=1e-12)
+
+
+def test_topk_padding_slots_and_ids_beyond_the_vocabulary_take_no_part():
+    z, t, mask = _inputs(v=12)
+    ids = torch.tensor([[11, 0, 5]] * 7)  # 11 = the last real column
+    lp = torch.log_softmax(t, -1).gather(1, ids)
+    ref, (ref_grad,) = _grad(lambda z: get_loss("fkl", vocab_size=12)(z, TopKTeacher(ids, lp), mask), z)
+    padded_ids = torch.cat([ids, torch.tensor([[-1, 12, 11]] * 7)], 1)  # -inf padding, a padded-vocab id, -inf slot
+    padded_lp = torch.cat([lp, torch.tensor([[float("-inf"), 0.0, float("-inf")]] * 7)], 1)
+    zp = torch.cat([z, torch.full((7, 2), 3.0, dtype=F64)], 1)  # logits padded to 14 columns
+    for student in ("logits", "fused"):
+        loss = get_loss("fkl", vocab_size=12)
+        payload = TopKTeacher(padded_ids, padded_lp)
+        if student == "logits":
+            value, (grad,) = _grad(lambda z: loss(z, payload, mask), zp)
+            assert torch.allclose(grad[:, :12], ref_grad, atol=1e-14) and grad[:, 12:].abs().max() == 0
+        else:  # identity lm_head: hidden states are the logits
+            value, _ = loss.fused(zp, torch.eye(14, dtype=F64), payload, mask)
+        assert value.item() == pytest.approx(ref.item(), rel=1e-12), student
+
+
+def test_topk_from_logits_dtypes_and_duplicate_extra_ids():
+    t = torch.randn(2, 9, dtype=torch.bfloat16)
+    assert topk_from_logits(t, 3).logprobs.dtype == torch.float32
+    assert topk_from_logits(t.float(), 3).logprobs.dtype == torch.float32
+    assert topk_from_logits(t.double(), 3).logprobs.dtype == torch.float64
+    t = torch.arange(9, dtype=F64).repeat(2, 1)  # top-2 = ids 8, 7
+    extra = torch.tensor([[1, 1, 2, 8, 2, -1], [3, 4, 3, 3, 5, 0]])
+    out = topk_from_logits(t, 2, extra_ids=extra)
+    kept = torch.isfinite(out.logprobs[:, 2:])
+    assert kept.tolist() == [[True, False, True, False, False, False], [True, True, False, False, True, True]]
+    assert torch.allclose(out.logprobs[:, :2].exp().sum(-1), torch.softmax(t, -1)[:, 7:].sum(-1))
+
+
+def test_single_valid_entry_rows_and_temperature_of_divergences():
+    z, t, mask = _inputs(v=6)
+    only = torch.zeros_like(z, dtype=torch.bool)
+    only[:, 2] = True
+    lone = z.masked_fill(~only, float("-inf"))
+    v, (g,) = _grad(lambda z: get_loss("csd", weights=("uniform", "student"))(z, t, mask), lone)
+    assert v.item() == 0 and g.abs().max() == 0  # one entry: no differences to match
+    dld, _ = get_loss("dld")(lone, t, mask)
+    assert dld.item() == pytest.approx(((z[:, 2] - t[:, 2]) ** 2)[mask].mean().item(), rel=1e-12)
+    p, q = torch.softmax(t / 2, -1), torch.softmax(z / 2, -1)
+    ref = (p * (p.log() - q.log())).sum(-1)[mask].mean()
+    assert get_loss("fkl", temperature=2.0)(z, t, mask)[0].item() == pytest.approx(ref.item(), rel=1e-12)
+
+
+def test_fused_topk_without_a_bias_and_bf16_topk():
+    h, w, _, th, tw, mask, v = _linear_case()
+    payload = topk_from_logits((th @ tw.t())[:, :v], k=5)
+    value, _ = get_loss("csd", vocab_size=v).fused(h, w, payload, mask)
+    assert value.item() == pytest.approx(get_loss("csd", vocab_size=v)(h @ w.t(), payload, mask)[0].item(), rel=1e-12)
+    h16, w16 = h.bfloat16(), w.bfloat16()
+    v16, _ = get_loss("csd", vocab_size=v).fused(h16, w16, payload, mask)
+    v32, _ = get_loss("csd", vocab_size=v).fused(h16.float(), w16.float(), payload, mask)
+    assert v16.item() == pytest.approx(v32.item(), rel=1e-6)

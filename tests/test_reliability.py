@@ -125,8 +125,29 @@ def _final_weights(path):
     return load_file(path / "final" / "model.safetensors")
 
 
-def test_sigterm_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path):
-    common = [sys.executable, "-m", "csd_ray.run", SMOKE, "run.steps=4", "data.eval_size=0"]
+def test_a_failed_checkpoint_write_never_looks_complete(ray_session, tmp_path):
+    """Shards go to a temporary folder; only a finished one is renamed into place, COMPLETE last."""
+    controller = Controller(smoke_recipe(tmp_path, "run.steps=2", "run.checkpoint_every=1"), log=lambda m: None)
+    controller.start()
+    try:
+        controller.train()
+        (good,) = complete_checkpoints(tmp_path)
+        assert good.name == "step_000001"
+        assert {"COMPLETE", "controller.json", "trainer_state.pt", ".metadata"} <= {p.name for p in good.iterdir()}
+        rank1 = json.loads((tmp_path / "actors.json").read_text())["trainer"][1]["pid"]
+        os.kill(rank1, signal.SIGKILL)  # the step-2 checkpoint dies mid-write
+        with pytest.raises(ray.exceptions.RayError):
+            controller.checkpoint()
+    finally:
+        controller.shutdown()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == ["step_000001"]
+    assert Controller(smoke_recipe(tmp_path, "run.steps=2"), log=lambda m: None)._resume_point() == good
+
+
+def test_sigint_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path):
+    # A warm-up + linear decay schedule: a resume that restarted the scheduler would train differently.
+    common = [sys.executable, "-m", "csd_ray.run", SMOKE, "run.steps=4", "data.eval_size=0",
+              "trainer.warmup_steps=2", "trainer.lr_schedule=linear"]
     env = {**os.environ, "RAY_ADDRESS": ""}
     straight = subprocess.run(common + [f"run.output_dir={tmp_path / 'straight'}"], env=env, capture_output=True,
                               text=True, timeout=300)
@@ -139,19 +160,40 @@ def test_sigterm_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path):
     while time.time() < deadline and not (run_dir / "metrics.jsonl").exists():
         time.sleep(0.2)
     assert (run_dir / "metrics.jsonl").exists(), "the run never started a step"
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=240)
     assert proc.returncode == 143, err[-2000:]
-    assert "Resume by running the same command again" in err
+    assert "SIGINT received" in err and "Resume by running the same command again" in err
     stopped_at = len(read_metrics(run_dir / "metrics.jsonl"))
     assert 1 <= stopped_at < 4 and [p.name for p in complete_checkpoints(run_dir)][-1] == f"step_{stopped_at:06d}"
 
     resumed = subprocess.run(common + [f"run.output_dir={run_dir}"], env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resumed from {run_dir / 'checkpoints' / f'step_{stopped_at:06d}'}" in resumed.stderr
-    steps = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")]
-    assert steps == [1, 2, 3, 4]  # every step once, none repeated
+    records = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4]  # every step once, none repeated
+    lr = 1e-3  # smoke.yaml's trainer.lr
+    assert [r["lr"] for r in records] == pytest.approx([lr / 2, lr, lr, lr / 2], rel=1e-9)
+    assert [r["lr"] for r in read_metrics(tmp_path / "straight" / "metrics.jsonl")] == [r["lr"] for r in records]
     a, b = _final_weights(tmp_path / "straight"), _final_weights(run_dir)
     assert a.keys() == b.keys()
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-6, rtol=0), key
+
+
+def test_a_second_signal_exits_at_once_without_a_new_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "csd_ray.run", SMOKE, "run.steps=200", "data.eval_size=0", f"run.output_dir={run_dir}"]
+    proc = subprocess.Popen(cmd, env={**os.environ, "RAY_ADDRESS": ""}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (run_dir / "metrics.jsonl").exists():
+        time.sleep(0.2)
+    assert (run_dir / "metrics.jsonl").exists(), "the run never started a step"
+    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGINT)  # the second one, while the step is still running
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode not in (0, 143), (proc.returncode, err[-2000:])
+    assert "received: finishing this step" in err and "Resume by running" not in err, err[-2000:]
+    assert len(read_metrics(run_dir / "metrics.jsonl")) < 200
+    assert complete_checkpoints(run_dir) == []  # no checkpoint written on the way out

@@ -14,6 +14,7 @@ from csd_ray.weight_sync import HostWeights  # noqa: E402
 from csd_ray.workers.vllm_backend import VLLMSampler, VLLMTeacher  # noqa: E402
 
 PROMPTS = [[1, 42, 7, 99, 5], [5, 6, 300], [8, 9, 10, 11]]
+LONG_PROMPTS = [[(7 * i + 3) % 900 + 10 for i in range(200)], [(11 * i + 5) % 700 + 10 for i in range(180)]]
 
 
 @pytest.fixture(scope="module")
@@ -66,9 +67,12 @@ def test_vllm_in_place_weight_reload_matches_hf_with_new_weights(ray_session, vl
     new_state = {k: v + 0.05 * torch.randn_like(v) for k, v in hf.model.state_dict().items()}
     new_state["lm_head.weight"] = new_state["model.embed_tokens.weight"]  # tied
     weights = HostWeights.from_state_dict(new_state)
+    # Long prompts (many full cache blocks) sampled with the old weights first: a prefix cache that
+    # survived the reload would serve their old keys/values to the next request.
+    ray_session.get(sampler.generate.remote(LONG_PROMPTS, [0, 1], 4, 20))
     assert ray_session.get(sampler.receive_weights.remote(weights, 5)) == 5
     hf.receive_weights(weights, 5)
-    rollout = ray_session.get(sampler.generate.remote(PROMPTS, [0, 1, 2], 12, 21))
+    rollout = ray_session.get(sampler.generate.remote(LONG_PROMPTS, [0, 1], 12, 21))
     assert rollout.weight_version == 5
     expected = hf.token_logprobs(rollout)
     assert torch.allclose(rollout.sampled_logprobs, expected, atol=1e-4), (rollout.sampled_logprobs - expected).abs().max()

@@ -279,14 +279,17 @@ class _LinearStudent:
         self.grad_bias = None if bias is None else torch.zeros_like(bias, dtype=dtype)
 
     def chunk_logits(self, rows: torch.Tensor, ids: Optional[torch.Tensor]) -> torch.Tensor:
-        h = self.hidden[rows]
+        # Logits of bf16/fp16 inputs are formed in fp32: rounding them to bf16 would cost ~1e-2.
+        dtype = compute_dtype(self.hidden.dtype)
+        h = self.hidden[rows].to(dtype)
+        bias = None if self.bias is None else self.bias.to(dtype)
         if ids is None:
-            z = h @ self.weight.t()
-            return self._transformed(z if self.bias is None else z + self.bias)
+            z = h @ self.weight.to(dtype).t()
+            return self._transformed(z if bias is None else z + bias)
         safe = ids.clamp(0, self.weight.shape[0] - 1)
         # Only the index set's rows of the lm_head: K*d work per token instead of V*d.
-        z = torch.einsum("cd,ckd->ck", h, self.weight[safe])
-        return self._transformed(z if self.bias is None else z + self.bias[safe])
+        z = torch.einsum("cd,ckd->ck", h, self.weight[safe].to(dtype))
+        return self._transformed(z if bias is None else z + bias[safe])
 
     def backprop(self, rows: torch.Tensor, ids: Optional[torch.Tensor], g: torch.Tensor) -> None:
         g = self._chain(g)
