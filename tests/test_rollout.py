@@ -184,3 +184,17 @@ def test_teacher_output_select_offsets_payload_and_joins():
     assert joined.offsets.dtype == torch.long
     assert joined.rows["ids"][0].tolist() == [1, 0] and joined.rows["logprobs"][0, 1].item() == float("-inf")
     assert joined.rows["ids"][1:6].tolist() == out.rows["ids"].tolist()
+
+
+def test_concat_without_sampler_logprobs_and_with_an_empty_response():
+    a = rollout_from_tokens([[5, 6]], [[7, 8]], pad_id=0)
+    empty = rollout_from_tokens([[9]], [[]], pad_id=0)
+    assert a.attention_mask.dtype == torch.long and a.input_ids.dtype == torch.long
+    j = concat_rollouts([a, empty])
+    assert j.sampled_logprobs is None and j.student_topk_ids is None
+    assert j.input_ids[0].tolist() == [5, 6, 7, 8] and j.num_tokens() == 2 and j.response_mask[1].sum() == 0
+    offsets = torch.tensor([0, 2])
+    out = TeacherOutput("logits", {"logits": torch.zeros(2, 3)}, offsets)
+    assert out.to(torch.device("cpu")).offsets is offsets and out.signal().logits is out.rows["logits"]
+    with pytest.raises(AssertionError, match="^the hidden payload needs the teacher's lm_head on the trainer$"):
+        TeacherOutput("hidden", {"hidden": torch.zeros(2, 3)}, offsets).signal()
