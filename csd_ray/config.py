@@ -175,9 +175,10 @@ class TrainerConfig:
     """Process-group backend; auto = nccl when ranks have GPUs, else gloo."""
     micro_batch_size: int = 0
     """Sequences per forward/backward on a rank; 0 = the rank's whole share at once."""
-    param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
     """Compute dtype of the student's forward/backward (FSDP2 MixedPrecisionPolicy.param_dtype).
-    Master weights, optimizer state and gradient reduction stay fp32; the loss math is fp32."""
+    Master weights, optimizer state and gradient reduction stay fp32; the loss math is fp32.
+    (float16 compute would need loss scaling, which the trainer does not do.)"""
     lr: float = 1e-5
     """AdamW peak learning rate."""
     weight_decay: float = 0.0

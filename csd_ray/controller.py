@@ -215,6 +215,7 @@ class Controller:
         self._last_step_end = time.perf_counter()
         while self.step < run.steps:
             pending: deque[PlannedStep] = deque()
+            self._pending = pending  # a checkpoint records where the first untrained step's prompts begin
             next_launch = self.step
             next_prompts = self.stream.state()  # where the next untrained step's prompts begin
             try:
@@ -450,10 +451,13 @@ class Controller:
         if not refs:
             return
         timeout = self.recipe.sampler.weight_sync_timeout_s
-        left = max(1.0, timeout - (time.perf_counter() - self._sync_started))
-        try:
-            ray.get(refs, timeout=left)
-        except ray.exceptions.GetTimeoutError:
+        deadline = self._sync_started + timeout
+        pending = list(refs)
+        while pending:  # fail fast: the first side to fail raises at once, its peer may be stuck in NCCL
+            done, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.perf_counter()))
+            if done:
+                ray.get(done)
+                continue
             raise RunStopped(
                 f"weight sync ({self.transfer.name}) did not finish within sampler.weight_sync_timeout_s={timeout:g} s; "
                 "a sampler or trainer rank is stuck or died mid-transfer", exit_code=1) from None
@@ -466,7 +470,11 @@ class Controller:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         self.trainers.call("save_checkpoint", str(tmp))
-        state = {"step": self.step, "version": self.version, "stream": self.stream.state()}
+        # Steps launched ahead (async, off-policy overlap) drew their prompts already: a resumed run
+        # must draw them again, so the checkpoint keeps the stream where the first untrained step began.
+        pending = getattr(self, "_pending", None)
+        stream = pending[0].stream_before if pending else self.stream.state()
+        state = {"step": self.step, "version": self.version, "stream": stream}
         state["fingerprint"] = fingerprint(self.recipe)
         (tmp / "controller.json").write_text(json.dumps(state))
         if self.replay:  # a resumed run must replay the same rollouts with the same draws

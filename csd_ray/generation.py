@@ -63,13 +63,22 @@ class TokenRules:
         return torch.isin(ids, torch.tensor(self.stop_ids, dtype=ids.dtype, device=ids.device))
 
 
-def declared_eos_ids(model_folder: Optional[str]) -> list[int]:
-    """eos ids a model folder's ``generation_config.json`` declares (int or list), [] if none."""
-    if not model_folder or not (Path(model_folder) / "generation_config.json").is_file():
-        return []
-    from transformers import GenerationConfig
+def declared_eos_ids(source: Optional[str]) -> list[int]:
+    """eos ids a model declares (``generation_config.json``, else ``config.json``), [] if none.
 
-    eos = GenerationConfig.from_pretrained(model_folder).eos_token_id
+    ``source``: an HF folder or a hub id (read through the hub cache)."""
+    if not source:
+        return []
+    from transformers import AutoConfig, GenerationConfig
+
+    try:
+        eos = GenerationConfig.from_pretrained(source).eos_token_id
+    except (OSError, ValueError):  # no generation_config.json: the model config's own
+        try:
+            config = AutoConfig.from_pretrained(source)
+        except (OSError, ValueError):
+            return []
+        eos = getattr(getattr(config, "text_config", None) or config, "eos_token_id", None)
     if eos is None:
         return []
     return [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
@@ -78,7 +87,7 @@ def declared_eos_ids(model_folder: Optional[str]) -> list[int]:
 def token_rules(tokenizer, model_folder: Optional[str] = None, extra_eos: Sequence[int] = ()) -> TokenRules:
     """The stop ids, pad id, real vocabulary and end-of-response id of a model.
 
-    ``model_folder`` is an HF folder whose ``generation_config.json`` may declare more eos ids;
+    ``model_folder`` is an HF folder or hub id whose generation config may declare more eos ids;
     ``extra_eos`` adds ids known otherwise (a model object's generation config)."""
     stops: list[int] = []
     for i in [tokenizer.eos_token_id, *declared_eos_ids(model_folder), *extra_eos]:
@@ -162,14 +171,16 @@ def vllm_sampling_params(spec: SamplingSpec, rules: TokenRules, model_vocab: int
     processed log-probs) for the recorded log-probs to be those of this distribution."""
     from vllm import SamplingParams
 
-    allowed = list(range(rules.vocab_size)) if model_vocab > rules.vocab_size else None
+    # Padded lm_head rows get the lowest bias vLLM allows (-100: exp(-100) is 0 in fp32), as a
+    # short dict: an allowed_token_ids list of the whole real vocabulary costs 152k ids per request.
+    banned = {i: -100.0 for i in range(rules.vocab_size, model_vocab)} or None
     return [
         SamplingParams(
             n=1, max_tokens=spec.max_new_tokens, temperature=0.0 if spec.greedy else spec.temperature,
             top_p=1.0 if spec.greedy else spec.top_p, top_k=0 if spec.greedy or not spec.top_k else spec.top_k,
             seed=spec.seed + i, logprobs=logprobs, stop_token_ids=list(rules.stop_ids), ignore_eos=False,
             repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0, min_p=0.0,
-            allowed_token_ids=allowed,
+            logit_bias=banned,
         )
         for i in range(n_prompts)
     ]

@@ -293,17 +293,6 @@ def check_same_tokenizer(student_tok, teacher_tok, student_name: str, teacher_na
         )
 
 
-def local_folder(cfg: ModelConfig) -> Optional[str]:
-    """The HF folder of a config when it exists on this machine without building anything (else None)."""
-    if cfg.path == "tiny":
-        return None
-    try:
-        location = resolve(cfg.path, need_model=False)
-    except ModelLoadError:
-        return None
-    return location if (Path(location) / "config.json").is_file() else None
-
-
 def preflight(cfg: ModelConfig, tokenizer, name: str):
     """Checks of a model that need no actor: its logit transform is one csd_ray reproduces.
 
@@ -311,9 +300,14 @@ def preflight(cfg: ModelConfig, tokenizer, name: str):
     from csd_ray.generation import token_rules
     from csd_ray.logits import check_supported
 
-    folder = local_folder(cfg)
-    if folder is not None:
+    source = None if cfg.path == "tiny" else resolve(cfg.path, need_model=False)  # folder or hub id
+    if source is not None:
         from transformers import AutoConfig
 
-        check_supported(AutoConfig.from_pretrained(folder), f"{name} '{cfg.path}'")
-    return token_rules(tokenizer, folder)
+        try:
+            config = AutoConfig.from_pretrained(source)
+        except (OSError, ValueError):  # a tokenizer-only folder (GGUF not converted yet): actors check it
+            config = None
+        if config is not None:
+            check_supported(config, f"{name} '{cfg.path}'")
+    return token_rules(tokenizer, source)

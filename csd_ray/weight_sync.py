@@ -80,15 +80,19 @@ class NCCLBroadcastTransfer(WeightTransfer):
 
     name = "nccl"
 
-    def __init__(self) -> None:
-        self.ready = False
+    def __init__(self, timeout_s: float = 600.0) -> None:
+        self.ready, self.timeout_s = False, timeout_s
 
     def _setup(self, trainers, samplers: list) -> None:
         addr, port = ray.get(trainers.ranks[0].address.remote())
         world = 1 + len(samplers)
         # Both sides block in the rendezvous, so they are started together.
         refs = [s.init_broadcast.remote(addr, port, world, 1 + i) for i, s in enumerate(samplers)]
-        ray.get(refs + trainers.call_async("init_weight_broadcast", addr, port, world))
+        try:  # a rendezvous missing one side would otherwise wait forever
+            ray.get(refs + trainers.call_async("init_weight_broadcast", addr, port, world), timeout=self.timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise RuntimeError(f"NCCL weight-transfer group did not form within {self.timeout_s:g} s "
+                               "(sampler.weight_sync_timeout_s)") from None
         self.ready = True
 
     def push(self, trainers, samplers: list, version: int) -> list:
@@ -101,4 +105,6 @@ class NCCLBroadcastTransfer(WeightTransfer):
 
 def make_transfer(recipe) -> WeightTransfer:
     """The recipe's strategy (validation already tied 'nccl' to vllm samplers and GPUs)."""
-    return NCCLBroadcastTransfer() if recipe.sampler.weight_transfer == "nccl" else ObjectStoreTransfer()
+    if recipe.sampler.weight_transfer == "nccl":
+        return NCCLBroadcastTransfer(recipe.sampler.weight_sync_timeout_s)
+    return ObjectStoreTransfer()

@@ -239,3 +239,14 @@ def test_fused_loss_through_softcapping_matches_autograd(payload_dtype):
         rh, rw = torch.autograd.grad(ref, [h, w])
         assert torch.allclose(value, ref, rtol=1e-5), name
         assert torch.allclose(gh, rh, atol=1e-5) and torch.allclose(gw, rw, atol=1e-5), name
+
+
+def test_eos_ids_declared_only_in_config_json_still_stop(family_folder, tmp_path):
+    """A folder without generation_config.json: the model config's eos list is the declaration."""
+    from transformers import AutoTokenizer
+
+    bare = tmp_path / "llama3"
+    shutil.copytree(family_folder("llama3"), bare)
+    (bare / "generation_config.json").unlink()
+    tok = AutoTokenizer.from_pretrained(bare)
+    assert token_rules(tok, str(bare)).stop_ids == (tok.eos_token_id, tok.convert_tokens_to_ids("<|eot_id|>"))

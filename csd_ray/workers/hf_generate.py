@@ -38,38 +38,42 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
 
 
 @torch.no_grad()
-def hf_generate(model, prompts: list[list[int]], spec: SamplingSpec, rules: TokenRules, student_topk: int = 0) -> Rollout:
+def hf_generate(model, prompts: list[list[int]], spec: SamplingSpec, rules: TokenRules, student_topk: int = 0,
+                record_logprobs: bool = True) -> Rollout:
     """One response per prompt under the generation contract (csd_ray.generation).
 
     Recorded log-probs are those of the distribution sampled from (generate()'s processed
     scores: temperature, truncation, real vocabulary), so at temperature 1 without truncation
-    they are the model's own."""
+    they are the model's own. ``record_logprobs=False`` (teacher samples, greedy answers) keeps
+    no per-step scores at all."""
     device = model.device
     ids, mask = left_pad(prompts, rules.pad_id)
     ids, mask = ids.to(device), mask.to(device)
     generator_seed = torch.random.initial_seed()
     torch.manual_seed(spec.seed)
     try:
-        out = model.generate(input_ids=ids, attention_mask=mask, return_dict_in_generate=True, output_scores=True,
-                             **hf_generate_kwargs(spec, rules))
+        out = model.generate(input_ids=ids, attention_mask=mask, return_dict_in_generate=True,
+                             output_scores=record_logprobs or bool(student_topk), **hf_generate_kwargs(spec, rules))
     finally:
         torch.manual_seed(generator_seed)
     sequences = out.sequences.cpu()
     width = ids.shape[1]
     resp = response_mask_after(sequences, width, rules)
     attn = torch.cat([mask.cpu(), resp[:, width:].long()], dim=1)
-    scores = torch.stack(out.scores, dim=1).float().cpu()  # [B, R, V], as sampled from
-    log_probs = torch.log_softmax(scores, dim=-1)
-    generated = sequences[:, width:]
+    if out.scores is None:
+        return Rollout(sequences, attn, resp)
+    generated = out.sequences[:, width:]
     sampled = torch.zeros(sequences.shape, dtype=torch.float32)
-    sampled[:, width:] = log_probs.gather(-1, generated[:, :, None]).squeeze(-1)
-    sampled = sampled.masked_fill(~resp, 0.0)
     topk_ids: Optional[torch.Tensor] = None
     if student_topk:
-        # Position j-1 predicts token j: store the top-k of the distribution that produced token j at column j.
         topk_ids = torch.full((*sequences.shape, student_topk), -1, dtype=torch.long)
-        topk_ids[:, width:] = scores.topk(student_topk, dim=-1).indices
-    return Rollout(sequences, attn, resp, sampled, topk_ids)
+    for j, step_scores in enumerate(out.scores):  # one [B, V] step at a time, never [B, R, V] in fp32
+        log_probs = torch.log_softmax(step_scores.float(), dim=-1)
+        sampled[:, width + j] = log_probs.gather(-1, generated[:, j, None]).squeeze(-1).cpu()
+        if topk_ids is not None:
+            # Position j-1 predicts token j: the top-k of the distribution that produced token j, at column j.
+            topk_ids[:, width + j] = step_scores.topk(student_topk, dim=-1).indices.cpu()
+    return Rollout(sequences, attn, resp, sampled.masked_fill(~resp, 0.0), topk_ids)
 
 
 def forward_hidden(model, rollout: Rollout) -> torch.Tensor:
@@ -92,10 +96,14 @@ def response_logprobs(model, rollout: Rollout, vocab_size: int) -> torch.Tensor:
     Normalised over the real vocabulary (``vocab_size`` = len(tokenizer)), like sampling."""
     target = rollout.target_mask()
     hidden = forward_hidden(model, rollout)[:, :-1][target.to(model.device)]
-    logits = output_logits(model, hidden).float().cpu()[:, :vocab_size]
-    tokens = rollout.input_ids[:, 1:][target]
+    tokens = rollout.input_ids[:, 1:][target].to(hidden.device)
+    values = torch.empty(tokens.shape[0], dtype=torch.float32)
+    step = max(1, (1 << 23) // vocab_size)  # rows per chunk: [rows x V] logits stay ~32 MB
+    for lo in range(0, tokens.shape[0], step):
+        logits = output_logits(model, hidden[lo : lo + step]).float()[:, :vocab_size]
+        values[lo : lo + step] = torch.log_softmax(logits, -1).gather(1, tokens[lo : lo + step, None]).squeeze(1).cpu()
     out = torch.zeros(rollout.input_ids.shape)
-    out[:, 1:][rollout.target_mask()] = torch.log_softmax(logits, -1).gather(1, tokens[:, None]).squeeze(1)
+    out[:, 1:][target] = values
     return out
 
 

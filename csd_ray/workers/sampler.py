@@ -34,7 +34,8 @@ class HFSampler:
         cfg = self.recipe.sampler
         t0 = time.perf_counter()
         spec = SamplingSpec(max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k, greedy, seed)
-        rollout = hf_generate(self.model, prompts, spec, self.rules, student_topk=cfg.student_topk)
+        rollout = hf_generate(self.model, prompts, spec, self.rules, student_topk=0 if greedy else cfg.student_topk,
+                              record_logprobs=not greedy)  # greedy answers (evaluation) need no log-probs
         rollout.weight_version = self.version
         rollout.prompt_indices = list(prompt_indices)
         rollout.seconds, rollout.worker_pid = time.perf_counter() - t0, os.getpid()

@@ -52,17 +52,19 @@ class HFTeacher:
         logits = output_logits(self.model, hidden)
         if cfg.payload == "logits":
             return TeacherOutput("logits", {"logits": logits.contiguous().cpu()}, offsets)
-        signal = topk_from_logits(logits[:, : self.rules.vocab_size], cfg.topk,
-                                  extra_ids=topk_extra_ids(rollout).to(logits.device))
-        return TeacherOutput("topk", {"ids": signal.ids.cpu(), "logprobs": signal.logprobs.cpu()}, offsets)
+        extra = topk_extra_ids(rollout).to(logits.device)
+        step = max(1, (1 << 23) // logits.shape[1])  # fp32 log-softmax per chunk of rows, never [N, V] at once
+        parts = [topk_from_logits(logits[lo : lo + step, : self.rules.vocab_size], cfg.topk, extra_ids=extra[lo : lo + step])
+                 for lo in range(0, max(1, logits.shape[0]), step)]
+        return TeacherOutput("topk", {"ids": torch.cat([p.ids for p in parts]).cpu(),
+                                      "logprobs": torch.cat([p.logprobs for p in parts]).cpu()}, offsets)
 
     def generate(self, prompts: list[list[int]], prompt_indices: list[int], max_new_tokens: int, seed: int,
                  greedy: bool = False, temperature: float = 1.0) -> Rollout:
         t0 = time.perf_counter()
         spec = SamplingSpec(max_new_tokens, temperature, 1.0, 0, greedy, seed)
-        rollout = hf_generate(self.model, prompts, spec, self.rules)
+        rollout = hf_generate(self.model, prompts, spec, self.rules, record_logprobs=False)  # not the student's
         rollout.prompt_indices = list(prompt_indices)
-        rollout.sampled_logprobs = None  # teacher log-probs are not the student's
         rollout.source = "teacher"
         rollout.seconds, rollout.worker_pid = time.perf_counter() - t0, os.getpid()
         return rollout
