@@ -30,7 +30,8 @@ def _reference_loss(recipe, group, rollout, scores, head):
     from csd_ray.models import load_tokenizer
 
     logits = group.call("probe_logits", rollout)[0].double()
-    teacher_logits = scores.rows["hidden"].double() @ head.double().t()
+    weight, _transform = head  # (lm_head, logit transform): the tiny teacher has none
+    teacher_logits = scores.rows["hidden"].double() @ weight.double().t()
     loss = get_loss(recipe.trainer.loss.name, vocab_size=len(load_tokenizer(recipe.student_model)), **recipe.trainer.loss.params)
     return loss(logits, teacher_logits, torch.ones(logits.shape[0], dtype=torch.bool))[0].item()
 
