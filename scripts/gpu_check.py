@@ -112,7 +112,7 @@ def main() -> int:
     loss = get_loss("csd", weights=["teacher", "student"], vocab_size=v)
     out = {}
     for dtype in (torch.float32, torch.bfloat16):
-        hh, ww = h.to(dtype).requires_grad_(True), w.to(dtype).requires_grad_(True)
+        hh, ww = h.detach().to(dtype).requires_grad_(True), w.detach().to(dtype).requires_grad_(True)
         _sync()
         t0 = time.perf_counter()
         value, _ = loss.fused(hh, ww, HiddenTeacher(th.to(dtype), tw), mask)
