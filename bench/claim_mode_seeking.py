@@ -29,14 +29,10 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from claim_shift_invariance import rows_logits  # noqa: E402  (same folder)
+from claim_shift_invariance import rows_logits, sample, smollm2_setup  # noqa: E402  (same folder)
 
-from csd_ray.config import DataConfig, ModelConfig  # noqa: E402
-from csd_ray.data import load_prompts  # noqa: E402
 from csd_ray.evaluation import distinct_n, response_tokens, self_bleu  # noqa: E402
 from csd_ray.losses import get_loss  # noqa: E402
-from csd_ray.models import load_model, load_tokenizer  # noqa: E402
-from csd_ray.workers.hf_generate import hf_generate  # noqa: E402
 
 LOSSES = {"fkl": ("fkl", {}), "rkl": ("rkl", {}), "csd_ss": ("csd", {"weights": ["student", "student"]}),
           "csd_ts": ("csd", {"weights": ["teacher", "student"]})}
@@ -58,16 +54,11 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=24)
     args = parser.parse_args()
     t0 = time.perf_counter()
-    tok = load_tokenizer(ModelConfig(path="smollm2-135m-instruct"))
-    teacher = load_model(ModelConfig(path="smollm2-135m-instruct"), tok).eval()
-    student0 = load_model(ModelConfig(path="smollm2-135m-instruct", num_layers=8), tok, dtype="float32")
-    prompts = load_prompts(DataConfig(num_examples=200, eval_size=args.eval, split_seed=0), tok)
+    tok, teacher, student0, prompts = smollm2_setup(args.eval)
     vocab = len(tok)
 
     def generate(model, examples, copies, seed):
-        ids = [e.prompt_ids for e in examples for _ in range(copies)]
-        return hf_generate(model, ids, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=args.new_tokens,
-                           temperature=1.0, top_p=1.0, seed=seed, greedy=False)
+        return sample(model, tok, [e.prompt_ids for e in examples for _ in range(copies)], args.new_tokens, seed)
 
     train = generate(teacher, prompts.train[: args.train], 2, seed=0)
     held = generate(teacher, prompts.eval, 2, seed=1)

@@ -36,6 +36,7 @@ sys.path.insert(0, str(REPO))
 
 from csd_ray.config import DataConfig, ModelConfig  # noqa: E402
 from csd_ray.data import load_prompts  # noqa: E402
+from csd_ray.generation import SamplingSpec, token_rules  # noqa: E402
 from csd_ray.losses import get_loss  # noqa: E402
 from csd_ray.models import load_model, load_tokenizer, position_ids  # noqa: E402
 from csd_ray.workers.hf_generate import hf_generate  # noqa: E402
@@ -66,6 +67,19 @@ def kl_teacher_student(t: torch.Tensor, z: torch.Tensor) -> float:
     return float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
 
 
+def smollm2_setup(eval_size: int):
+    """(tokenizer, SmolLM2 teacher, its 8-layer student, arithmetic prompts): what the claim benches share."""
+    tok = load_tokenizer(ModelConfig(path="smollm2-135m-instruct"))
+    teacher = load_model(ModelConfig(path="smollm2-135m-instruct"), tok).eval()
+    student0 = load_model(ModelConfig(path="smollm2-135m-instruct", num_layers=8), tok, dtype="float32")
+    return tok, teacher, student0, load_prompts(DataConfig(num_examples=200, eval_size=eval_size, split_seed=0), tok)
+
+
+def sample(model, tok, prompt_ids: list[list[int]], new_tokens: int, seed: int, greedy: bool = False):
+    """Responses under the generation contract (temperature 1, no truncation)."""
+    return hf_generate(model, prompt_ids, SamplingSpec(new_tokens, seed=seed, greedy=greedy), token_rules(tok))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--train", type=int, default=8, help="training prompts (one batch)")
@@ -76,15 +90,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    tok = load_tokenizer(ModelConfig(path="smollm2-135m-instruct"))
-    teacher = load_model(ModelConfig(path="smollm2-135m-instruct"), tok).eval()
-    student0 = load_model(ModelConfig(path="smollm2-135m-instruct", num_layers=8), tok, dtype="float32")
-    prompts = load_prompts(DataConfig(num_examples=200, eval_size=args.eval, split_seed=0), tok)
+    tok, teacher, student0, prompts = smollm2_setup(args.eval)
     vocab = len(tok)
 
     def answers(examples):
-        rollout = hf_generate(teacher, [e.prompt_ids for e in examples], pad_id=tok.pad_token_id, eos_id=tok.eos_token_id,
-                              max_new_tokens=args.new_tokens, temperature=1.0, top_p=1.0, seed=0, greedy=True)
+        rollout = sample(teacher, tok, [e.prompt_ids for e in examples], args.new_tokens, seed=0, greedy=True)
         with torch.no_grad():
             return rollout, rows_logits(teacher, rollout)[:, :vocab].float()
 

@@ -21,7 +21,6 @@ all call this module instead of repeating the rules, so a new family's quirk is 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -133,7 +132,7 @@ def neutral_generation_config(rules: TokenRules):
     return GenerationConfig(eos_token_id=list(rules.stop_ids), pad_token_id=rules.pad_id)
 
 
-def hf_generate_kwargs(spec: SamplingSpec, rules: TokenRules) -> dict:
+def hf_generate_kwargs(spec: SamplingSpec, rules: TokenRules, output_scores: bool = False) -> dict:
     """Arguments of transformers' ``generate`` that implement ``spec``.
 
     transformers fills every argument left None from ``model.generation_config``, so each
@@ -143,7 +142,8 @@ def hf_generate_kwargs(spec: SamplingSpec, rules: TokenRules) -> dict:
 
     config = neutral_generation_config(rules)
     config.update(do_sample=not spec.greedy, max_new_tokens=spec.max_new_tokens, repetition_penalty=1.0,
-                  no_repeat_ngram_size=0, renormalize_logits=False)
+                  no_repeat_ngram_size=0, renormalize_logits=False, return_dict_in_generate=True,
+                  output_scores=output_scores)
     if not spec.greedy:  # (greedy decoding applies no warper; setting them only draws warnings)
         config.update(temperature=spec.temperature, top_p=spec.top_p, top_k=spec.top_k, min_p=None, typical_p=1.0,
                       epsilon_cutoff=0.0, eta_cutoff=0.0)
@@ -177,7 +177,7 @@ def vllm_sampling_params(spec: SamplingSpec, rules: TokenRules, model_vocab: int
     return [
         SamplingParams(
             n=1, max_tokens=spec.max_new_tokens, temperature=0.0 if spec.greedy else spec.temperature,
-            top_p=1.0 if spec.greedy else spec.top_p, top_k=0 if spec.greedy or not spec.top_k else spec.top_k,
+            top_p=1.0 if spec.greedy else spec.top_p, top_k=0 if spec.greedy else spec.top_k,
             seed=spec.seed + i, logprobs=logprobs, stop_token_ids=list(rules.stop_ids), ignore_eos=False,
             repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0, min_p=0.0,
             logit_bias=banned,

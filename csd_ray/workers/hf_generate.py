@@ -52,8 +52,8 @@ def hf_generate(model, prompts: list[list[int]], spec: SamplingSpec, rules: Toke
     generator_seed = torch.random.initial_seed()
     torch.manual_seed(spec.seed)
     try:
-        out = model.generate(input_ids=ids, attention_mask=mask, return_dict_in_generate=True,
-                             output_scores=record_logprobs or bool(student_topk), **hf_generate_kwargs(spec, rules))
+        out = model.generate(input_ids=ids, attention_mask=mask,
+                             **hf_generate_kwargs(spec, rules, output_scores=record_logprobs or bool(student_topk)))
     finally:
         torch.manual_seed(generator_seed)
     sequences = out.sequences.cpu()
