@@ -218,6 +218,14 @@ class SourceConfig:
     """With source_mode 'sample', the chance a step draws from this source (GKD's λ for 'student')."""
     loss_weight: float = 1.0
     """Weight of this source's tokens in the loss (e.g. β and 2−β in the paper's chat recipe)."""
+    greedy: bool = False
+    """'teacher' only: the teacher's greedy responses (sequence-level KD as Kim & Rush, 2016, use
+    its beam output) instead of samples at temperature 1."""
+    cache: int = 0
+    """'teacher' only: generate responses for this many upcoming prompts at once, in one large
+    batch per teacher replica, and draw each step's responses from them (teacher responses do not
+    depend on the student, so a warm-up's can be made in a few big batches instead of one small
+    batch per step); 0 = generate each step's responses when the step is launched."""
 
 
 @dataclass
@@ -453,6 +461,11 @@ class Recipe:
                 raise located.error(f"{key}[{i}].probability", f"must be in [0, 1], got {src.probability}")
             if src.loss_weight < 0:
                 raise located.error(f"{key}[{i}].loss_weight", f"must be >= 0, got {src.loss_weight}")
+            if src.cache < 0:
+                raise located.error(f"{key}[{i}].cache", f"must be >= 0, got {src.cache}")
+            for name in ("greedy", "cache"):
+                if getattr(src, name) and src.kind != "teacher":
+                    raise located.error(f"{key}[{i}].{name}", f"applies to teacher responses only; this source is '{src.kind}'")
             if src.kind == "dataset" and not self.data.response_field and self.data.source != "arithmetic":
                 raise located.error(f"{key}[{i}].kind", "the 'dataset' source needs reference responses: set data.response_field")
             if self.run.mode == "async" and src.kind != "student":

@@ -26,7 +26,7 @@ import yaml
 from csd_ray.config import Recipe, SourceConfig
 from csd_ray.data import PromptStream, load_prompts
 from csd_ray.devices import actor_env
-from csd_ray.evaluation import Evaluator, closing_table, format_eval
+from csd_ray.evaluation import Evaluator, closing_table, format_eval, response_tokens
 from csd_ray.metrics import MetricsLogger
 from csd_ray.models import SMOLLM2, check_same_tokenizer, load_tokenizer, model_folder, preflight, resolve
 from csd_ray.placement import plan
@@ -91,6 +91,9 @@ class Controller:
         self.version = 0  # optimizer steps applied to the trainers' weights
         self.synced_version = 0  # newest version sent to the sampler(s)
         self.replay: deque[PlannedStep] = deque(maxlen=max(1, recipe.batch.replay.capacity))
+        # Cached teacher responses (sources with `cache`): prompt index -> response token lists,
+        # each used once; a resumed or restarted run regenerates what it needs.
+        self.teacher_cache: dict[int, list[list[int]]] = {}
         self.samplers: list = []
         self.teachers: list = []
         self.trainers: Optional[TrainerGroup] = None
@@ -412,13 +415,17 @@ class Controller:
         prompts = [e.prompt_ids for e in examples]
         indices = [e.index for e in examples]
         seed = self.recipe.run.seed * 1_000_003 + index * 101
-        if src.kind == "dataset":
-            missing = [e.index for e in examples if e.response_ids is None]
-            if missing:
-                raise RuntimeError(f"the 'dataset' source needs reference responses; example {missing[0]} has none")
+        if src.kind == "dataset" or src.cache:
+            if src.kind == "dataset":
+                missing = [e.index for e in examples if e.response_ids is None]
+                if missing:
+                    raise RuntimeError(f"the 'dataset' source needs reference responses; example {missing[0]} has none")
+                responses = [e.response_ids for e in examples]
+            else:
+                responses = self._cached_teacher_responses(src, examples, self.recipe.stage_at(index).max_new_tokens, seed)
             rollout = rollout_from_tokens(
-                prompts, [e.response_ids[:max_new] for e in examples], self.rules.pad_id,
-                weight_version=self.version, source="dataset", prompt_indices=indices,
+                prompts, [r[:max_new] for r in responses], self.rules.pad_id,
+                weight_version=self.version, source=src.kind, prompt_indices=indices,
             )
             rollout_refs = [ray.put(rollout)]
         else:
@@ -426,11 +433,28 @@ class Controller:
                 self._sync(block=True)  # sync mode: weights move only when the sampler needs them
             actors = self.samplers if src.kind == "student" else self.teachers
             rollout_refs = [
-                actor.generate.remote(prompts[lo:hi], indices[lo:hi], max_new, seed + i)
+                actor.generate.remote(prompts[lo:hi], indices[lo:hi], max_new, seed + i, greedy=src.greedy)
                 for i, (actor, lo, hi) in enumerate(_shards(actors, len(prompts)))
             ]
         teacher_refs = [self.teachers[i % len(self.teachers)].score.remote(ref) for i, ref in enumerate(rollout_refs)]
         return Group(src.kind, rollout_refs, teacher_refs, src.loss_weight, rollout_id)
+
+    def _cached_teacher_responses(self, src: SourceConfig, examples: list, max_new: int, seed: int) -> list[list[int]]:
+        """Each example's teacher response from the cache, refilled when one is missing: the
+        teacher replicas generate for this batch and the next ``src.cache`` prompts of the stream
+        in one large batch each (up to ``max_new`` tokens; a curriculum's shorter steps cut them)."""
+        if any(len(self.teacher_cache.get(e.index, ())) < sum(x.index == e.index for x in examples) for e in examples):
+            upcoming = examples + self.stream.peek(src.cache)
+            prompts = [e.prompt_ids for e in upcoming]
+            t0 = time.perf_counter()
+            refs = [actor.generate.remote(prompts[lo:hi], [e.index for e in upcoming[lo:hi]], max_new, seed + i, greedy=src.greedy)
+                    for i, (actor, lo, hi) in enumerate(_shards(self.teachers, len(prompts)))]
+            for rollout in ray.get(refs):
+                for index, tokens in zip(rollout.prompt_indices, response_tokens(rollout)):
+                    self.teacher_cache.setdefault(index, []).append(tokens)
+            self.metrics.message(f"teacher responses for {len(prompts)} prompts generated in {time.perf_counter() - t0:.1f} s "
+                                 f"({len(self.teachers)} replica(s), cached for the next steps)")
+        return [self.teacher_cache[e.index].pop(0) for e in examples]
 
     # ---- weights, checkpoints, the end ---------------------------------------------------------
     def _sync(self, block: bool) -> float:

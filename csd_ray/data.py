@@ -249,6 +249,14 @@ class PromptStream:
             self.cursor += 1
         return batch
 
+    def peek(self, n: int) -> list[EncodedExample]:
+        """The next ``n`` examples ``next_batch`` would return, without moving the stream."""
+        state = self.state()
+        try:
+            return self.next_batch(n)
+        finally:
+            self.load_state(state)
+
     def state(self) -> dict:
         return {"epoch": self.epoch, "cursor": self.cursor}
 

@@ -1,10 +1,12 @@
 """The loop's promises over several steps (issue 11, point 8), read from metrics.jsonl and the weights."""
 
 import pytest
+import ray
 import torch
 
 from conftest import smoke_recipe
 from csd_ray.controller import Controller, RunStopped
+from csd_ray.evaluation import response_tokens
 from csd_ray.metrics import read_metrics
 
 
@@ -74,3 +76,35 @@ def test_a_resumed_run_with_replay_trains_the_same_data_and_weights(ray_session,
     for x, y in zip(a, b):
         assert (x["replayed"], x["rollout_ids"], x["tokens"]) == (y["replayed"], y["rollout_ids"], y["tokens"]), x["step"]
     assert torch.allclose(straight.weights[-1], resumed.weights[-1], atol=1e-6, rtol=0)
+
+
+class Trained(Controller):
+    """The real controller, also keeping every trained rollout (fetched from the object store)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.trained = []
+
+    def _step(self, planned):
+        self.trained += [r for g in planned.groups for r in ray.get(list(g.rollouts))]
+        super()._step(planned)
+
+
+def test_cached_greedy_teacher_responses_are_made_at_once_and_train_as_per_step_ones(ray_session, tmp_path, capsys):
+    """SeqKD warm-up: `cache` makes a stage's teacher responses in one batch, same prompts, same responses."""
+    def run(cache):
+        stages = f"[{{name: seqkd, steps: 3, sources: [{{kind: teacher, greedy: true, cache: {cache}}}], loss: {{name: ce}}}}]"
+        controller = Trained(smoke_recipe(tmp_path / f"cache{cache}", "batch.prompts_per_step=2", f"stages={stages}"),
+                             log=lambda m: None)
+        controller.run()
+        return controller.trained, capsys.readouterr().err
+
+    per_step, log_per_step = run(0)
+    cached, log_cached = run(4)
+    assert "teacher responses for" not in log_per_step
+    assert log_cached.count("teacher responses for 6 prompts generated") == 1  # 2 now + the next 4: all 3 steps
+    assert [r.prompt_indices for r in cached] == [r.prompt_indices for r in per_step]  # the stream did not move
+    assert all(r.source == "teacher" for r in cached)
+    for a, b in zip(cached, per_step):
+        assert response_tokens(a) == response_tokens(b)  # greedy: the same responses, made in one batch
+        assert all(len(t) > 0 for t in response_tokens(a))

@@ -74,6 +74,10 @@ BAD_INPUTS = [
      ["blankchat.jsonl:1: 'messages' has no non-empty message"]),
     ("incompatible checkpoint", SMOKE, ["run.output_dir={d}/other_run"], ["incompatible run", "tiny"]),
     ("resume=never over checkpoints", SMOKE, ["run.output_dir={d}/finished_run", "run.resume=never"], ["already holds checkpoints"]),
+    ("teacher option on a student source", SMOKE, ["stages=[{{name: a, steps: 3, sources: [{{kind: student, cache: 8}}]}}]"],
+     ["stages[0].sources[0].cache", "teacher responses only", "'student'"]),
+    ("negative teacher cache", SMOKE, ["stages=[{{name: a, steps: 3, sources: [{{kind: teacher, cache: -1}}]}}]"],
+     ["stages[0].sources[0].cache", "must be >= 0, got -1"]),
     ("resume path not a checkpoint", SMOKE, ["run.resume={d}/not_a_checkpoint"], ["not a complete csd_ray checkpoint"]),
 ]
 
