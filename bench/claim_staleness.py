@@ -105,10 +105,12 @@ def main() -> None:
             (a, ha), (b, hb) = mean_ci(lo[m]), mean_ci(hi[m])
             worse = (b < a) if up else (b > a)
             separated = abs(b - a) > ha + hb
-            parts.append(f"{title.split(':')[0]} {a:.3f} → {b:.3f} ({'degraded' if worse and separated else 'robust'})")
+            verdict = ("no interval: one seed" if len(seeds) < 2 else
+                       "degraded" if worse and separated else "improved" if separated else "robust")
+            parts.append(f"{title.split(':')[0]} {a:.3f} → {b:.3f} ({verdict})")
         verdicts.append(f"- {LABELS[name]}, k {min(per_k)} → {max(per_k)}: " + "; ".join(parts))
     text = "\n".join(lines + ["", f"Mean ± 95% CI over {len(seeds)} seed(s), {args.steps} steps, {args.eval_size} held-out prompts.",
-                              "", "Verdicts (robust = the change is within the two intervals):", "", *verdicts])
+                              "", "Verdicts (robust = the change is within the two intervals; degraded / improved = separated):", "", *verdicts])
     (out / "staleness.md").write_text(text + "\n")
     (out / "staleness.json").write_text(json.dumps({"args": vars(args), "results": {n: {str(k): v for k, v in r.items()}
                                                                                       for n, r in results.items()}}, indent=1))

@@ -12,7 +12,7 @@ from csd_ray.metrics import read_metrics
 
 def test_short_real_distillation_improves_fidelity_and_coverage_without_collapse(ray_session, tmp_path):
     recipe = load_recipe(REPO / "recipes" / "local.yaml", [
-        f"run.output_dir={tmp_path}", "run.eval_max_new_tokens=24", "data.eval_size=8",
+        f"run.output_dir={tmp_path}", "run.eval_max_new_tokens=24", "data.eval_size=8", "student_model.num_layers=8",
         "batch.prompts_per_step=4", "batch.max_new_tokens=24",
         "stages=[{name: warmup, steps: 6, sources: [{kind: teacher}], loss: {name: fkl}, lr: 3.0e-4},"
         " {name: onpolicy, steps: 2, sources: [{kind: student}]}]",
