@@ -15,8 +15,11 @@ matmuls in bf16 (AVX512-BF16 where the CPU has it). The loss does its softmax/lo
 whatever the dtype (tests pin it), so its bf16 line also prints the ratio to the fp32 floor.
 
 Peak memory is the process's resident high-water mark above the level before each call
-(Linux: `/proc/self/clear_refs` resets it); glibc is told to return every buffer >= 64 KiB to
-the OS on free, so one variant cannot reuse pages another left behind. `peak at N/4 vs N` shows
+(Linux: `/proc/self/clear_refs` resets it); before each call glibc returns its free memory to
+the OS (`malloc_trim(0)`), so one variant cannot reuse pages another left behind, while inside a
+call the allocator caches buffers as it does in a trainer (telling glibc to mmap every buffer,
+as an earlier version did, added a page-fault storm to every [chunk, V] temporary: ~9 ms per
+32 MiB buffer, more than the arithmetic on it). `peak at N/4 vs N` shows
 the fused loss's memory is flat in the number of tokens; `--dense` adds the dense-vs-fused table
 (full [N,V] logits with autograd) of issue 2.
 
@@ -28,7 +31,8 @@ the fused loss's memory is flat in the number of tokens; `--dense` adds the dens
 from __future__ import annotations
 
 import argparse
-import os
+import ctypes
+import gc
 import re
 import statistics
 import sys
@@ -36,11 +40,6 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-if os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536":
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    os.environ["MALLOC_TRIM_THRESHOLD_"] = "0"
-    os.execv(sys.executable, [sys.executable] + sys.argv)
 
 import torch  # noqa: E402
 
@@ -65,6 +64,9 @@ LOSSES = {
 }
 
 
+_LIBC = ctypes.CDLL("libc.so.6")
+
+
 def _status(field: str) -> int:
     with open("/proc/self/status") as f:
         return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1)) * 1024
@@ -72,6 +74,8 @@ def _status(field: str) -> int:
 
 def measure(fn) -> tuple[float, int]:
     """(seconds, peak resident bytes above the starting level) of one call."""
+    gc.collect()
+    _LIBC.malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     start_rss = _status("VmRSS")
