@@ -88,15 +88,18 @@ def measure(fn) -> tuple[float, int]:
 class Case:
     """Inputs of one (shape, dtype): student h [N,d] and W [V,d], teacher payload, mask, targets."""
 
-    def __init__(self, n: int, d: int, v: int, dtype: torch.dtype) -> None:
-        g = torch.Generator().manual_seed(0)
-        self.n, self.d, self.v, self.dtype = n, d, v, dtype
-        self.h = (torch.randn(n, d, generator=g) * 0.5).to(dtype).requires_grad_(True)
-        self.w = (torch.randn(v, d, generator=g) * 0.05).to(dtype).requires_grad_(True)
-        self.teacher = HiddenTeacher((torch.randn(n, d, generator=g) * 0.5).to(dtype),
-                                     (torch.randn(v, d, generator=g) * 0.05).to(dtype))
-        self.mask = torch.rand(n, generator=g) > 0.1
-        self.targets = torch.randint(0, v, (n,), generator=g)
+    def __init__(self, n: int, d: int, v: int, dtype: torch.dtype, device: str = "cpu") -> None:
+        g = torch.Generator(device=device).manual_seed(0)
+        self.n, self.d, self.v, self.dtype, self.device = n, d, v, dtype, device
+
+        def randn(*shape, scale):
+            return (torch.randn(*shape, generator=g, device=device) * scale).to(dtype)
+
+        self.h = randn(n, d, scale=0.5).requires_grad_(True)
+        self.w = randn(v, d, scale=0.05).requires_grad_(True)
+        self.teacher = HiddenTeacher(randn(n, d, scale=0.5), randn(v, d, scale=0.05))
+        self.mask = torch.rand(n, generator=g, device=device) > 0.1
+        self.targets = torch.randint(0, v, (n,), generator=g, device=device)
 
     def fused(self, loss) -> float:
         value, _ = loss.fused(self.h, self.w, self.teacher, self.mask, targets=self.targets)
@@ -110,7 +113,7 @@ class Case:
         h, w = self.h.detach().to(dtype), self.w.detach().to(dtype)
         th, tw = self.teacher.hidden.to(dtype), self.teacher.lm_head.to(dtype)
         grad_h, grad_w = torch.zeros_like(h), torch.zeros_like(w)
-        g = torch.randn(chunk, self.v).to(dtype)
+        g = torch.randn(chunk, self.v, device=self.device).to(dtype)
         for start in range(0, rows.numel(), chunk):
             r = rows[start : start + chunk]
             hc = h[r]

@@ -316,6 +316,9 @@ class _LinearStudent:
         self.vocab_width = weight.shape[0]
         dtype = compute_dtype(hidden.dtype)
         self._weight_c: Optional[torch.Tensor] = None
+        # CUDA has a bf16/fp16 GEMM with an fp32 output (torch.mm's out_dtype): exact products,
+        # fp32 sums, no fp32 copy of the lm_head for the logits. Tried once per call.
+        self._fp32_out_mm = hidden.is_cuda and hidden.dtype != dtype and weight.dtype == hidden.dtype
         self.grad_hidden = torch.zeros_like(hidden, dtype=dtype)
         self.grad_weight = torch.zeros_like(weight, dtype=dtype)
         self.grad_bias = None if bias is None else torch.zeros_like(bias, dtype=dtype)
@@ -335,7 +338,14 @@ class _LinearStudent:
         h = self.hidden[rows].to(dtype)
         bias = None if self.bias is None else self.bias.to(dtype)
         if ids is None:
-            z = h @ self._weight_compute().t()
+            z = None
+            if self._fp32_out_mm:
+                try:
+                    z = torch.mm(self.hidden[rows], self.weight.t(), out_dtype=dtype)
+                except (RuntimeError, TypeError):  # a torch without aten::mm.dtype
+                    self._fp32_out_mm = False
+            if z is None:
+                z = h @ self._weight_compute().t()
             return self._transformed(z if bias is None else z + bias)
         safe = ids.clamp(0, self.weight.shape[0] - 1)
         # Only the index set's rows of the lm_head: K*d work per token instead of V*d.
