@@ -621,3 +621,19 @@ def test_a_chunk_with_an_excluded_entry_takes_the_general_path_and_the_rest_the_
         whole, (g6,) = _grad(lambda z: get_loss(name, chunk_size=6, **params)(z, t, mask), z)
         assert math.isfinite(whole.item()) and whole.item() == pytest.approx(per_row.item(), rel=1e-12)
         assert torch.allclose(g1, g6, atol=1e-14) and g6[2, 4] == 0
+
+
+def test_malloc_tuning_runs_once_and_respects_the_opt_out():
+    """glibc keeps freed chunk buffers (issue 13) unless CSD_RAY_MALLOC_TUNE=0 or MALLOC_*_ is set."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from csd_ray.losses.base import keep_chunk_buffers_in_the_heap as k; print(k(), k())"
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "CSD_RAY_MALLOC_TUNE"}
+    runs = {}
+    for name, extra in [("default", {}), ("opt_out", {"CSD_RAY_MALLOC_TUNE": "0"}), ("user", {"MALLOC_TRIM_THRESHOLD_": "0"})]:
+        out = subprocess.run([sys.executable, "-c", code], env={**base, **extra}, capture_output=True, text=True, check=True)
+        runs[name] = out.stdout.split()
+    assert runs["default"] == ["True", "False"]  # glibc accepted it, and only once
+    assert runs["opt_out"] == ["False", "False"] and runs["user"] == ["False", "False"]
