@@ -40,12 +40,15 @@ def _log_softmax(x: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.log_softmax(x if temperature == 1.0 else x / temperature, dim=-1)
 
 
+#: Smallest positive (subnormal) value per dtype: the floor of a mixture of probabilities.
+_SMALLEST = {dt: torch.finfo(dt).tiny * torch.finfo(dt).eps for dt in (torch.float32, torch.float64)}
+
+
 def _log_of_mixture(p: torch.Tensor, q: torch.Tensor, weight_p: float) -> torch.Tensor:
     """log(w p + (1 − w) q) from probabilities (fast paths): one lerp and one log instead of a
     logaddexp; where both underflow to 0 the mixture is clamped to the smallest subnormal, so
     log m stays finite and the 0 · log terms stay 0."""
-    m = torch.lerp(q, p, weight_p)
-    return m.clamp_min_(torch.finfo(m.dtype).tiny * torch.finfo(m.dtype).eps).log_()
+    return torch.lerp(q, p, weight_p).clamp_min_(_SMALLEST[p.dtype]).log_()
 
 
 class _DivergenceLoss(DistillationLoss):
@@ -149,11 +152,10 @@ class SkewForwardKL(_SkewedLoss):
     def fast_loss_and_grad(self, z, t, target=None):
         log_p, q = _log_softmax(t, self.temperature), torch.softmax(z if self.temperature == 1.0 else z / self.temperature, -1)
         p = log_p.exp()
-        m = torch.lerp(q, p, self.skew)  # λ p + (1−λ) q
-        log_m = m.clamp_min(torch.finfo(m.dtype).tiny * torch.finfo(m.dtype).eps).log_()
-        value = row_dot(p, log_p.sub_(log_m)).squeeze(1)
-        # dL/dq = −(1−λ) p / m
-        g = torch.div(p, m.clamp_min_(torch.finfo(m.dtype).tiny), out=p).mul_(self.skew - 1.0)
+        m = torch.lerp(q, p, self.skew).clamp_min_(_SMALLEST[q.dtype])  # λ p + (1−λ) q, > 0
+        value = row_dot(p, log_p.sub_(m.log())).squeeze(1)
+        # dL/dq = −(1−λ) p / m  (m ≥ λ p, so p / m stays finite)
+        g = m.reciprocal_().mul_(p).mul_(self.skew - 1.0)
         return value, softmax_backward_(q, g, self.temperature)
 
 
@@ -168,12 +170,11 @@ class SkewReverseKL(_SkewedLoss):
     def fast_loss_and_grad(self, z, t, target=None):
         log_q, p = _log_softmax(z, self.temperature), torch.softmax(t if self.temperature == 1.0 else t / self.temperature, -1)
         q = log_q.exp()
-        m = torch.lerp(p, q, self.skew)  # λ q + (1−λ) p
-        log_m = m.clamp_min(torch.finfo(m.dtype).tiny * torch.finfo(m.dtype).eps).log_()
-        g = log_q.sub_(log_m)  # log q − log m
+        m = torch.lerp(p, q, self.skew).clamp_min_(_SMALLEST[q.dtype])  # λ q + (1−λ) p, > 0
+        g = log_q.sub_(m.log())  # log q − log m
         value = row_dot(q, g).squeeze(1)
         # dL/dq = log q − log m + 1 − λ q / m  (the constant 1 drops in the softmax backward)
-        g.sub_(torch.div(q, m.clamp_min_(torch.finfo(m.dtype).tiny), out=p), alpha=self.skew)
+        g.addcdiv_(q, m, value=-self.skew)
         return value, softmax_backward_(q, g, self.temperature)
 
 
