@@ -23,7 +23,7 @@ as an earlier version did, added a page-fault storm to every [chunk, V] temporar
 the fused loss's memory is flat in the number of tokens; `--dense` adds the dense-vs-fused table
 (full [N,V] logits with autograd) of issue 2.
 
-    python bench/loss_memory.py                                # every shape, dtype and loss
+    python bench/loss_memory.py                                # every shape, dtype and loss (~25 min here)
     python bench/loss_memory.py --shapes qwen --dtypes bf16 --losses csd-SS,fkl --n 1024
     python bench/loss_memory.py --shapes smollm --dtypes fp32 --losses csd-SS --dense
 """
@@ -137,26 +137,26 @@ def run_case(shape: str, n: int, d: int, v: int, dtype_name: str, names: list[st
     print(f"\n== {shape}: N={n} d={d} V={v} {dtype_name}, {chunk}-row chunks, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
     case.floor(chunk, dtype)  # warm-up
-    floors = [_time(lambda: case.floor(chunk, dtype), 1)[0]]
     floor32 = None
     if dtype != torch.float32:
         floor32 = _time(lambda: case.floor(chunk, torch.float32), 1)[0]
+    # The floor runs before every loss and once more at the end; each loss is compared with the
+    # faster of the floors on either side of it (the machine is shared: a neighbour's burst
+    # must not decide a ratio).
+    floors = [_time(lambda: case.floor(chunk, dtype), 1)[0]]
     rows = []
-    first = True
-    for name in names:
+    for i, name in enumerate(names):
         reg, params = LOSSES[name]
         loss = get_loss(reg, **params)
-        if first:
+        if i == 0:
             case.fused(loss)  # warm-up of the loss path (allocator, thread pool)
-            first = False
         secs, peak = _time(lambda: case.fused(loss), repeats)
-        rows.append([name, secs, peak])
-    floors.append(_time(lambda: case.floor(chunk, dtype), 1)[0])  # floor again: the machine is shared
-    floor = min(floors)
-    print(f"floor (4 bare {dtype_name} matmuls per chunk): {floor:.2f} s  (runs {', '.join(f'{f:.2f}' for f in floors)})"
+        floors.append(_time(lambda: case.floor(chunk, dtype), 1)[0])
+        rows.append([name, secs, peak, min(floors[-2:])])
+    print(f"floor (4 bare {dtype_name} matmuls per chunk): {min(floors):.2f} s  (runs {', '.join(f'{f:.2f}' for f in floors)})"
           + (f";  fp32 floor {floor32:.2f} s" if floor32 else ""))
     out = []
-    for name, secs, peak in rows:
+    for name, secs, peak, floor in rows:
         extra = f"   fused/fp32-floor {secs / floor32:5.2f}" if floor32 else ""
         print(f"{name:10s} fused {secs:6.2f} s   peak {peak / 2**20:7.1f} MiB   fused/floor time ratio {secs / floor:5.2f}{extra}")
         out.append((shape, dtype_name, name, secs, floor, secs / floor, peak))
