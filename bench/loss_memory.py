@@ -216,25 +216,43 @@ def _names(text: str, known, what: str) -> list[str]:
     return names
 
 
+def _tokens(text, shapes) -> dict:
+    """--n: '1024' (every shape) or 'qwen=512,smollm=4096'."""
+    if text is None:
+        return {}
+    try:
+        if "=" not in text:
+            out = {shape: int(text) for shape in shapes}
+        else:
+            out = {k.strip(): int(v) for k, v in (item.split("=", 1) for item in text.split(",") if item.strip())}
+    except ValueError:
+        out = {"": 0}
+    bad = [k for k, v in out.items() if k not in SHAPES or v <= 0]
+    if bad:
+        print(f"loss_memory: --n: expected a positive token count or SHAPE=N pairs with SHAPE in "
+              f"{', '.join(SHAPES)}; got {text!r}", file=sys.stderr)
+        sys.exit(2)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default="smollm,qwen", help=f"comma list of {', '.join(SHAPES)}")
     parser.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32, bf16")
     parser.add_argument("--losses", default=",".join(LOSSES), help=f"comma list of {', '.join(LOSSES)}")
-    parser.add_argument("--n", type=int, default=None, help="tokens N instead of each shape's default")
+    parser.add_argument("--n", default=None,
+                        help="tokens N instead of each shape's default: a number for every shape, or SHAPE=N,...")
     parser.add_argument("--repeats", type=int, default=1, help="timed calls per loss (median)")
     parser.add_argument("--dense", action="store_true", help="also the dense-vs-fused table (fp32, first shape)")
     args = parser.parse_args()
     shapes = _names(args.shapes, SHAPES, "shapes")
     dtypes = _names(args.dtypes, DTYPES, "dtypes")
     names = _names(args.losses, LOSSES, "losses")
-    if args.n is not None and args.n <= 0:
-        print(f"loss_memory: --n must be a positive token count, got {args.n}", file=sys.stderr)
-        sys.exit(2)
+    tokens = _tokens(args.n, shapes)
     summary = []
     for shape in shapes:
         n, d, v = SHAPES[shape]
-        n = args.n or n
+        n = tokens.get(shape, n)
         if args.dense:
             dense_vs_fused(n, d, v, max(args.repeats, 1))
         for dtype_name in dtypes:
