@@ -100,6 +100,13 @@ class Case:
         self.teacher = HiddenTeacher(randn(n, d, scale=0.5), randn(v, d, scale=0.05))
         self.mask = torch.rand(n, generator=g, device=device) > 0.1
         self.targets = torch.randint(0, v, (n,), generator=g, device=device)
+        self._grads: dict = {}
+
+    def grad_buffer(self, chunk: int, dtype: torch.dtype) -> torch.Tensor:
+        """The floor's stand-in for dL/dz ``[chunk, V]``, drawn once (outside any timing)."""
+        if (chunk, dtype) not in self._grads:
+            self._grads[(chunk, dtype)] = torch.randn(chunk, self.v, device=self.device).to(dtype)
+        return self._grads[(chunk, dtype)]
 
     def fused(self, loss) -> float:
         value, _ = loss.fused(self.h, self.w, self.teacher, self.mask, targets=self.targets)
@@ -113,7 +120,7 @@ class Case:
         h, w = self.h.detach().to(dtype), self.w.detach().to(dtype)
         th, tw = self.teacher.hidden.to(dtype), self.teacher.lm_head.to(dtype)
         grad_h, grad_w = torch.zeros_like(h), torch.zeros_like(w)
-        g = torch.randn(chunk, self.v, device=self.device).to(dtype)
+        g = self.grad_buffer(chunk, dtype)
         for start in range(0, rows.numel(), chunk):
             r = rows[start : start + chunk]
             hc = h[r]
@@ -139,6 +146,7 @@ def run_case(shape: str, n: int, d: int, v: int, dtype_name: str, names: list[st
     case.floor(chunk, dtype)  # warm-up
     floor32 = None
     if dtype != torch.float32:
+        case.grad_buffer(chunk, torch.float32)
         floor32 = _time(lambda: case.floor(chunk, torch.float32), 1)[0]
     # The floor runs before every loss and once more at the end; each loss is compared with the
     # faster of the floors on either side of it (the machine is shared: a neighbour's burst
