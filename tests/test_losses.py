@@ -584,3 +584,56 @@ def test_fused_topk_without_a_bias_and_bf16_topk():
     v16, _ = get_loss("csd", vocab_size=v).fused(h16, w16, payload, mask)
     v32, _ = get_loss("csd", vocab_size=v).fused(h16.float(), w16.float(), payload, mask)
     assert v16.item() == pytest.approx(v32.item(), rel=1e-6)
+
+
+# Issue 13: chunks whose logits are all finite take each loss's closed-form fast path
+# (fast_loss_and_grad); it must equal the general masked path (autograd for most baselines).
+FAST_CASES = [("csd", {"weights": w, "alpha": 0.15, "temperature": tau}) for w in WEIGHTINGS + [("student", "teacher"), ("uniform", "uniform")]
+              for tau in (1.0, 1.7)]
+FAST_CASES += [(n, {"temperature": tau}) for n in ("fkl", "rkl", "sfkl", "srkl", "tvd") for tau in (1.0, 0.6)]
+FAST_CASES += [("gjsd", {"beta": b, "temperature": 1.3}) for b in (0.0, 0.3, 1.0)] + [("dld", {}), ("ce", {})]
+FAST_CASES += [("mix", {"terms": [{"name": "csd", "params": {"weights": ["teacher", "student"]}}, {"name": "ce", "weight": 0.1}]})]
+
+
+@pytest.mark.parametrize("name, params", FAST_CASES, ids=lambda x: x if isinstance(x, str) else "-".join(map(str, x.values()))[:40])
+def test_fast_path_equals_the_general_path(name, params):
+    z, t, _ = _inputs(n=6, v=11)
+    t = t + 5.0  # teacher and student at different offsets, as log-probs against logits are
+    loss = get_loss(name, **params)
+    target_ids = torch.tensor([0, 3, 10, 5, 5, 1])
+    target = torch.zeros_like(z, dtype=torch.bool)
+    target[torch.arange(6), target_ids] = True
+    fast = loss.fast_loss_and_grad(z.clone(), t.clone(), target_ids if loss.uses_targets else None)
+    assert fast is not None, f"{name} has no fast path"
+    valid = torch.ones_like(z, dtype=torch.bool)
+    ref = loss.token_loss_and_grad(z, t, valid, *((target,) if loss.uses_targets else ()))
+    assert torch.allclose(fast[0], ref[0], rtol=1e-12, atol=1e-14)
+    assert torch.allclose(fast[1], ref[1], rtol=1e-12, atol=1e-14)
+
+
+def test_a_chunk_with_an_excluded_entry_takes_the_general_path_and_the_rest_the_fast_one():
+    """Same rows in one chunk or in chunks of one: a -inf logit in row 2 sends only its chunk to
+    the masked path; the value and gradient do not depend on which rows share a chunk."""
+    z, t, mask = _inputs(n=6, v=11)
+    t[2, 4] = float("-inf")
+    for name, params in [("csd", {"weights": ("teacher", "student")}), ("fkl", {}), ("dld", {})]:
+        per_row, (g1,) = _grad(lambda z: get_loss(name, chunk_size=1, **params)(z, t, mask), z)
+        whole, (g6,) = _grad(lambda z: get_loss(name, chunk_size=6, **params)(z, t, mask), z)
+        assert math.isfinite(whole.item()) and whole.item() == pytest.approx(per_row.item(), rel=1e-12)
+        assert torch.allclose(g1, g6, atol=1e-14) and g6[2, 4] == 0
+
+
+def test_malloc_tuning_runs_once_and_respects_the_opt_out():
+    """glibc keeps freed chunk buffers (issue 13) unless CSD_RAY_MALLOC_TUNE=0 or MALLOC_*_ is set."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from csd_ray.losses.base import keep_chunk_buffers_in_the_heap as k; print(k(), k())"
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "CSD_RAY_MALLOC_TUNE"}
+    runs = {}
+    for name, extra in [("default", {}), ("opt_out", {"CSD_RAY_MALLOC_TUNE": "0"}), ("user", {"MALLOC_TRIM_THRESHOLD_": "0"})]:
+        out = subprocess.run([sys.executable, "-c", code], env={**base, **extra}, capture_output=True, text=True, check=True)
+        runs[name] = out.stdout.split()
+    assert runs["default"] == ["True", "False"]  # glibc accepted it, and only once
+    assert runs["opt_out"] == ["False", "False"] and runs["user"] == ["False", "False"]

@@ -7,6 +7,9 @@ where it has one, a closed-form ``token_loss_and_grad``). This module owns every
 * cutting the vocabulary at the real tokenizer length (``vocab_size``) and excluding ``-inf``
   logits from sums and weights (``valid``);
 * fp32 math whatever the input dtype (float64 stays float64 for reference checks);
+* a fast path for the common chunk whose logits are all finite (``fast_loss_and_grad``: the
+  loss's closed form in a few in-place passes, no ``valid`` mask), the general masked path for
+  the rest;
 * the chunk loop that never holds more than ``chunk_size`` rows of ``[tokens x vocab]``
   (by default as many rows as fit ``CHUNK_ELEMENTS`` vocabulary entries, so a chunk's buffers
   stay ~32 MB each whatever the vocabulary size).
@@ -19,6 +22,8 @@ pattern), so the batch's full logits never exist.
 
 from __future__ import annotations
 
+import ctypes
+import os
 from typing import Any, ClassVar, Optional, Union
 
 import torch
@@ -30,6 +35,33 @@ Teacher = Union[torch.Tensor, TeacherSignal]
 
 #: Default chunk budget in [rows x vocab] elements (32 MB per fp32 buffer).
 CHUNK_ELEMENTS = 1 << 23
+
+_MALLOC_TUNED = False
+
+
+def keep_chunk_buffers_in_the_heap() -> bool:
+    """Once per process (Linux/glibc, CPU tensors): let freed ``[chunk, V]`` buffers be reused.
+
+    A chunk allocates a few 32 MB temporaries and frees them; glibc's defaults then hand the
+    heap top back to the OS (trim above 2x its mmap threshold) and every chunk page-faults its
+    buffers in again: ~100k faults and ~15% of a fused loss call at SmolLM2 shapes (issue 13).
+    Here buffers up to 32 MB (glibc's maximum mmap threshold) come from the heap and up to
+    1 GiB of free heap is kept: RSS stays at its high-water mark instead of breathing. Skipped
+    when ``CSD_RAY_MALLOC_TUNE=0`` or the user set glibc's own ``MALLOC_*_`` variables.
+    Returns whether glibc accepted the settings."""
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED:
+        return False
+    _MALLOC_TUNED = True
+    user = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_")
+    if os.environ.get("CSD_RAY_MALLOC_TUNE", "1") == "0" or any(k in os.environ for k in user):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
 
 
 class DistillationLoss:
@@ -82,6 +114,21 @@ class DistillationLoss:
             per_row = self.token_loss(z, t, valid, *target)
             (grad,) = torch.autograd.grad(per_row.sum(), z)
         return per_row.detach(), grad
+
+    def fast_loss_and_grad(
+        self, z: torch.Tensor, t: torch.Tensor, target: Optional[torch.Tensor] = None
+    ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """Per-row loss ``[c]`` and gradient ``[c, V]`` for a chunk whose entries are all valid.
+
+        Called only when every entry of ``z`` and ``t`` is finite (and inside ``vocab_size``), so
+        no ``valid`` mask exists; ``z`` and ``t`` are this chunk's own buffers (fp32 or float64)
+        and may be overwritten. ``target [c]`` (``uses_targets`` losses only) holds each row's
+        token id, already checked to lie in ``[0, V)``. Must equal ``token_loss_and_grad`` with
+        an all-True mask up to rounding. ``None`` (the default): the loss has no fast path and
+        the general one runs. Why: the general path spends ~20 passes over the ``[c, V]`` chunk
+        on masking and autograd; at V=151936 that is a third of the matmul time (issue 13).
+        """
+        return None
 
     def chunk_rows(self, vocab_width: int) -> int:
         return self.chunk_size or max(1, CHUNK_ELEMENTS // max(vocab_width, 1))
@@ -149,6 +196,18 @@ class DistillationLoss:
         return _run(self, signal, weights, rows, norm, targets, _LinearStudent(transform), *tensors)
 
 
+def row_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``[c, 1]`` row-wise dot products of two ``[c, V]`` tensors, read once, no ``x * y`` buffer."""
+    return torch.bmm(x.unsqueeze(1), y.unsqueeze(2)).view(-1, 1)
+
+
+def softmax_backward_(q: torch.Tensor, g: torch.Tensor, temperature: float) -> torch.Tensor:
+    """In place on ``g``: the gradient w.r.t. logits ``z`` of a loss whose gradient w.r.t.
+    ``q = softmax(z / τ)`` is ``g``: ``q ⊙ (g − <q, g>) / τ``."""
+    g.sub_(row_dot(q, g)).mul_(q)
+    return g if temperature == 1.0 else g.div_(temperature)
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 for fp32/bf16/fp16 inputs; float64 inputs keep float64."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -195,8 +254,8 @@ def _token_weights(
 
 def _align(
     z: torch.Tensor, t: torch.Tensor, ids: Optional[torch.Tensor], vocab_size: Optional[int]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Upcast, cut the vocabulary to its real size and mark valid entries."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upcast and cut the vocabulary to its real size."""
     dtype = compute_dtype(z.dtype)
     z, t = z.to(dtype), t.to(dtype)
     if ids is None:
@@ -213,12 +272,22 @@ def _align(
                 f"vocab_size={width} but student logits have {z.shape[1]} and teacher logits {t.shape[1]} columns"
             )
         z, t = z[:, :width], t[:, :width]
-        valid = torch.isfinite(z) & torch.isfinite(t)
-    else:
-        valid = torch.isfinite(z) & torch.isfinite(t)
-        if vocab_size is not None:
-            valid &= ids < vocab_size
-    return z, t, valid
+    return z, t
+
+
+def _valid(z: torch.Tensor, t: torch.Tensor, ids: Optional[torch.Tensor], vocab_size: Optional[int]) -> torch.Tensor:
+    """``[c, V]`` True where an entry takes part: finite on both sides and inside the real vocabulary."""
+    valid = torch.isfinite(z) & torch.isfinite(t)
+    if ids is not None and vocab_size is not None:
+        valid &= ids < vocab_size
+    return valid
+
+
+def _all_finite(z: torch.Tensor, t: torch.Tensor) -> bool:
+    """True when no entry of z or t is ±inf or NaN: two read-only row sums instead of a [c, V]
+    mask (a sum is finite exactly when its terms are, short of overflow, which only sends the
+    chunk to the general path)."""
+    return bool(torch.isfinite(z.sum(-1) + t.sum(-1)).all())
 
 
 class _LogitsStudent:
@@ -233,7 +302,8 @@ class _LogitsStudent:
         z = self.logits[rows]
         return z if ids is None else z.gather(1, ids.clamp(0, z.shape[1] - 1))
 
-    def backprop(self, rows: torch.Tensor, ids: Optional[torch.Tensor], g: torch.Tensor) -> None:
+    def backprop(self, rows: torch.Tensor, ids: Optional[torch.Tensor], g: torch.Tensor, w: torch.Tensor) -> None:
+        g = g * w[:, None]
         if ids is None:
             self.grad[rows, : g.shape[1]] = g
         else:
@@ -274,34 +344,60 @@ class _LinearStudent:
         self.hidden, self.weight, self.bias = hidden, weight, bias
         self.vocab_width = weight.shape[0]
         dtype = compute_dtype(hidden.dtype)
+        self._weight_c: Optional[torch.Tensor] = None
+        # CUDA has a bf16/fp16 GEMM with an fp32 output (torch.mm's out_dtype): exact products,
+        # fp32 sums, no fp32 copy of the lm_head for the logits. Tried once per call.
+        self._fp32_out_mm = hidden.is_cuda and hidden.dtype != dtype and weight.dtype == hidden.dtype
         self.grad_hidden = torch.zeros_like(hidden, dtype=dtype)
         self.grad_weight = torch.zeros_like(weight, dtype=dtype)
         self.grad_bias = None if bias is None else torch.zeros_like(bias, dtype=dtype)
 
+    def _weight_compute(self) -> torch.Tensor:
+        """The lm_head in the compute dtype, converted once per call rather than once per chunk
+        (at V=151936 a bf16->fp32 copy of the lm_head costs as much as a chunk's matmul). Costs
+        one [V, d] buffer, like the gradient, whatever the number of tokens."""
+        if self._weight_c is None:
+            self._weight_c = self.weight.to(compute_dtype(self.hidden.dtype))
+        return self._weight_c
+
     def chunk_logits(self, rows: torch.Tensor, ids: Optional[torch.Tensor]) -> torch.Tensor:
-        # Logits of bf16/fp16 inputs are formed in fp32: rounding them to bf16 would cost ~1e-2.
+        # Logits of bf16/fp16 inputs are formed in fp32: rounding them to bf16 would cost ~1e-2,
+        # and torch has no bf16 matmul with an fp32 output on the CPU (aten::mm.dtype is CUDA only).
         dtype = compute_dtype(self.hidden.dtype)
         h = self.hidden[rows].to(dtype)
         bias = None if self.bias is None else self.bias.to(dtype)
         if ids is None:
-            z = h @ self.weight.to(dtype).t()
+            z = None
+            if self._fp32_out_mm:
+                try:
+                    z = torch.mm(self.hidden[rows], self.weight.t(), out_dtype=dtype)
+                except (RuntimeError, TypeError):  # a torch without aten::mm.dtype
+                    self._fp32_out_mm = False
+            if z is None:
+                z = h @ self._weight_compute().t()
             return self._transformed(z if bias is None else z + bias)
         safe = ids.clamp(0, self.weight.shape[0] - 1)
         # Only the index set's rows of the lm_head: K*d work per token instead of V*d.
         z = torch.einsum("cd,ckd->ck", h, self.weight[safe].to(dtype))
         return self._transformed(z if bias is None else z + bias[safe])
 
-    def backprop(self, rows: torch.Tensor, ids: Optional[torch.Tensor], g: torch.Tensor) -> None:
+    def backprop(self, rows: torch.Tensor, ids: Optional[torch.Tensor], g: torch.Tensor, w: torch.Tensor) -> None:
+        """Accumulate the gradients of ``sum_rows w_row * loss_row`` given ``g = d loss_row / d z``.
+
+        The row weights ``w [c]`` scale the ``[c, d]`` operands, not the ``[c, V]`` gradient:
+        diag(w) G W = diag(w) (G W) and (diag(w) G)^T h = G^T (diag(w) h)."""
         g = self._chain(g)
         h = self.hidden[rows].to(g.dtype)
-        weight = self.weight.to(g.dtype)
         if ids is None:
+            weight = self._weight_compute()
             width = g.shape[1]
-            self.grad_hidden[rows] = g @ weight[:width]
-            self.grad_weight[:width].addmm_(g.t(), h)
+            self.grad_hidden[rows] = (g @ weight[:width]).mul_(w[:, None])
+            self.grad_weight[:width].addmm_(g.t(), h.mul_(w[:, None]))  # h: a fresh gather
             if self.grad_bias is not None:
-                self.grad_bias[:width] += g.sum(0)
+                self.grad_bias[:width].addmv_(g.t(), w)
         else:
+            g = g * w[:, None]
+            weight = self.weight.to(g.dtype)
             safe = ids.clamp(0, weight.shape[0] - 1)
             self.grad_hidden[rows] = torch.einsum("ck,ckd->cd", g, weight[safe])
             self.grad_weight.index_add_(0, safe.reshape(-1), (g[:, :, None] * h[:, None, :]).reshape(-1, h.shape[1]))
@@ -322,11 +418,22 @@ def _run(loss, signal, weights, rows, norm, targets, student, *tensors) -> tuple
 _NON_TENSOR_ARGS = 8  # loss, signal, weights, rows, norm, targets, student, metrics
 
 
-def _chunk_loss_and_grad(loss, z, t, valid, targets, chunk_rows):
+def _chunk_loss_and_grad(loss, z, t, ids, targets, chunk_rows):
+    """Per-row loss and gradient of one chunk: the loss's fast path when the chunk has no
+    excluded entry (dense payloads, all logits finite), else the general masked path."""
+    target_ids = None if targets is None else targets[chunk_rows].to(torch.long)
+    if ids is None and _all_finite(z, t):
+        if target_ids is None or bool(((target_ids >= 0) & (target_ids < z.shape[1])).all()):
+            # z and t are this chunk's own buffers (a gather, a matmul or an upcast made them), so
+            # the fast path may work in place.
+            fast = loss.fast_loss_and_grad(z.contiguous(), t.contiguous(), target_ids)
+            if fast is not None:
+                return fast
+    valid = _valid(z, t, ids, loss.vocab_size)
     if targets is None:
         return loss.token_loss_and_grad(z, t, valid)
     # One-hot over the chunk's columns (dense payloads only: the column is the token id).
-    ids = targets[chunk_rows].to(torch.long)
+    ids = target_ids
     target = torch.zeros_like(valid)
     target.scatter_(1, ids.clamp(0, valid.shape[1] - 1)[:, None], True)
     target &= ((ids >= 0) & (ids < valid.shape[1]))[:, None]
@@ -341,6 +448,8 @@ class _ChunkedLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, loss: DistillationLoss, signal, weights, rows, norm, targets, student, metrics, *tensors):  # type: ignore[override]
+        if tensors[0].device.type == "cpu":
+            keep_chunk_buffers_in_the_heap()
         student.begin(*(x.detach() for x in tensors))
         total = torch.zeros((), dtype=torch.float64, device=tensors[0].device)
         with torch.no_grad():
@@ -348,11 +457,11 @@ class _ChunkedLoss(torch.autograd.Function):
             for start in range(0, rows.numel(), step):
                 chunk_rows = rows[start : start + step]
                 ids, t = signal.chunk(chunk_rows)
-                z, t, valid = _align(student.chunk_logits(chunk_rows, ids), t, ids, loss.vocab_size)
-                per_row, grad = _chunk_loss_and_grad(loss, z, t, valid, targets, chunk_rows)
+                z, t = _align(student.chunk_logits(chunk_rows, ids), t, ids, loss.vocab_size)
+                per_row, grad = _chunk_loss_and_grad(loss, z, t, ids, targets, chunk_rows)
                 w = (weights[chunk_rows] / norm).to(per_row.dtype)
                 total += (w * per_row).sum().double()
-                student.backprop(chunk_rows, ids, grad * w[:, None])
+                student.backprop(chunk_rows, ids, grad, w)
         ctx.grads = student.grads() if any(x.requires_grad for x in tensors) else None
         metrics.update(loss=float(total), tokens=float(rows.numel()))
         return total.to(compute_dtype(tensors[0].dtype))

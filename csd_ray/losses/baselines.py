@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from csd_ray.losses.base import DistillationLoss
+from csd_ray.losses.base import DistillationLoss, row_dot, softmax_backward_
 from csd_ray.losses.errors import LossConfigError
 from csd_ray.losses.registry import register_loss
 
@@ -36,7 +36,25 @@ def log_mixture(log_p: torch.Tensor, log_q: torch.Tensor, weight_p: float) -> to
     return torch.logaddexp(log_p + math.log(weight_p), log_q + math.log1p(-weight_p))
 
 
+def _log_softmax(x: torch.Tensor, temperature: float) -> torch.Tensor:
+    return torch.log_softmax(x if temperature == 1.0 else x / temperature, dim=-1)
+
+
+#: Smallest positive (subnormal) value per dtype: the floor of a mixture of probabilities.
+_SMALLEST = {dt: torch.finfo(dt).tiny * torch.finfo(dt).eps for dt in (torch.float32, torch.float64)}
+
+
+def _log_of_mixture(p: torch.Tensor, q: torch.Tensor, weight_p: float) -> torch.Tensor:
+    """log(w p + (1 − w) q) from probabilities (fast paths): one lerp and one log instead of a
+    logaddexp; where both underflow to 0 the mixture is clamped to the smallest subnormal, so
+    log m stays finite and the 0 · log terms stay 0."""
+    return torch.lerp(q, p, weight_p).clamp_min_(_SMALLEST[p.dtype]).log_()
+
+
 class _DivergenceLoss(DistillationLoss):
+    """Fast paths (all-valid chunks): each loss gives dL/dq for q = softmax(z/τ) in closed form
+    and ``softmax_backward_`` maps it to dL/dz in two passes, instead of autograd's graph."""
+
     params = {"temperature": 1.0}
 
     def validate(self) -> None:
@@ -55,6 +73,14 @@ class ForwardKL(_DivergenceLoss):
         log_p, log_q = self._log_probs(z, t, valid)
         return kl(log_p, log_q, valid)
 
+    def fast_loss_and_grad(self, z, t, target=None):
+        log_p, log_q = _log_softmax(t, self.temperature), _log_softmax(z, self.temperature)
+        ratio = torch.sub(log_p, log_q, out=t)
+        p, q = log_p.exp_(), log_q.exp_()
+        value = row_dot(p, ratio).squeeze(1)
+        grad = q.sub_(p)  # (q − p) / τ
+        return value, grad if self.temperature == 1.0 else grad.div_(self.temperature)
+
 
 @register_loss("rkl")
 class ReverseKL(_DivergenceLoss):
@@ -63,6 +89,14 @@ class ReverseKL(_DivergenceLoss):
     def token_loss(self, z, t, valid):
         log_p, log_q = self._log_probs(z, t, valid)
         return kl(log_q, log_p, valid)
+
+    def fast_loss_and_grad(self, z, t, target=None):
+        log_p, log_q = _log_softmax(t, self.temperature), _log_softmax(z, self.temperature)
+        ratio = log_q.sub(log_p)  # log q − log p = dKL/dq − 1 (the constant drops in the softmax)
+        q = log_q.exp_()
+        value = row_dot(q, ratio)
+        grad = ratio.sub_(value).mul_(q)  # q ⊙ (r − KL) / τ
+        return value.squeeze(1), grad if self.temperature == 1.0 else grad.div_(self.temperature)
 
 
 @register_loss("gjsd")
@@ -85,6 +119,18 @@ class GeneralizedJSD(_DivergenceLoss):
         log_m = log_mixture(log_p, log_q, self.beta)
         return self.beta * kl(log_p, log_m, valid) + (1.0 - self.beta) * kl(log_q, log_m, valid)
 
+    def fast_loss_and_grad(self, z, t, target=None):
+        if self.beta in (0.0, 1.0):
+            return (ForwardKL if self.beta == 0.0 else ReverseKL).fast_loss_and_grad(self, z, t)
+        log_p, log_q = _log_softmax(t, self.temperature), _log_softmax(z, self.temperature)
+        p, q = log_p.exp(), log_q.exp()
+        log_m = _log_of_mixture(p, q, self.beta)
+        # L = β <p, log p − log m> + (1−β) <q, log q − log m>;  dL/dq = (1−β)(log q − log m).
+        value = self.beta * row_dot(p, log_p.sub_(log_m)).squeeze(1)
+        g = log_q.sub_(log_m)
+        value += (1.0 - self.beta) * row_dot(q, g).squeeze(1)
+        return value, softmax_backward_(q, g.mul_(1.0 - self.beta), self.temperature)
+
 
 class _SkewedLoss(_DivergenceLoss):
     params = {"temperature": 1.0, "skew": 0.1}
@@ -103,6 +149,15 @@ class SkewForwardKL(_SkewedLoss):
         log_p, log_q = self._log_probs(z, t, valid)
         return kl(log_p, log_mixture(log_p, log_q, self.skew), valid)
 
+    def fast_loss_and_grad(self, z, t, target=None):
+        log_p, q = _log_softmax(t, self.temperature), torch.softmax(z if self.temperature == 1.0 else z / self.temperature, -1)
+        p = log_p.exp()
+        m = torch.lerp(q, p, self.skew).clamp_min_(_SMALLEST[q.dtype])  # λ p + (1−λ) q, > 0
+        value = row_dot(p, log_p.sub_(m.log())).squeeze(1)
+        # dL/dq = −(1−λ) p / m  (m ≥ λ p, so p / m stays finite)
+        g = m.reciprocal_().mul_(p).mul_(self.skew - 1.0)
+        return value, softmax_backward_(q, g, self.temperature)
+
 
 @register_loss("srkl")
 class SkewReverseKL(_SkewedLoss):
@@ -111,6 +166,16 @@ class SkewReverseKL(_SkewedLoss):
     def token_loss(self, z, t, valid):
         log_p, log_q = self._log_probs(z, t, valid)
         return kl(log_q, log_mixture(log_q, log_p, self.skew), valid)
+
+    def fast_loss_and_grad(self, z, t, target=None):
+        log_q, p = _log_softmax(z, self.temperature), torch.softmax(t if self.temperature == 1.0 else t / self.temperature, -1)
+        q = log_q.exp()
+        m = torch.lerp(p, q, self.skew).clamp_min_(_SMALLEST[q.dtype])  # λ q + (1−λ) p, > 0
+        g = log_q.sub_(m.log())  # log q − log m
+        value = row_dot(q, g).squeeze(1)
+        # dL/dq = log q − log m + 1 − λ q / m  (the constant 1 drops in the softmax backward)
+        g.addcdiv_(q, m, value=-self.skew)
+        return value, softmax_backward_(q, g, self.temperature)
 
 
 @register_loss("tvd")
@@ -121,6 +186,14 @@ class TotalVariation(_DivergenceLoss):
         log_p, log_q = self._log_probs(z, t, valid)
         diff = (log_p.exp() - log_q.exp()).abs()
         return 0.5 * torch.where(valid, diff, torch.zeros((), dtype=diff.dtype)).sum(-1)
+
+    def fast_loss_and_grad(self, z, t, target=None):
+        tau = self.temperature
+        q = torch.softmax(z if tau == 1.0 else z / tau, -1)
+        diff = torch.sub(q, torch.softmax(t if tau == 1.0 else t / tau, -1), out=t)  # q − p
+        value = 0.5 * diff.abs().sum(-1)
+        # dL/dq = ½ sign(q − p) (autograd's convention: 0 where q = p)
+        return value, softmax_backward_(q, diff.sign_().mul_(0.5), tau)
 
 
 @register_loss("dld")
@@ -135,3 +208,8 @@ class DirectLogitDistillation(DistillationLoss):
         diff = torch.where(valid, z - t, torch.zeros((), dtype=z.dtype))
         sq = diff**2
         return sq.sum(-1) / valid.sum(-1).clamp_min(1)
+
+    def fast_loss_and_grad(self, z, t, target=None):
+        diff = torch.sub(z, t, out=t)
+        value = row_dot(diff, diff).squeeze(1) / z.shape[1]
+        return value, diff.mul_(2.0 / z.shape[1])

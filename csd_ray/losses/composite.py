@@ -39,6 +39,14 @@ class CrossEntropy(DistillationLoss):
         grad = log_q.exp().masked_fill(~valid, 0.0) - target.to(z.dtype)
         return value, grad
 
+    def fast_loss_and_grad(self, z, t, target=None):
+        # −log q(y) = lse(z) − z_y;  gradient softmax(z) − onehot(y).
+        rows = torch.arange(z.shape[0], device=z.device)
+        value = torch.logsumexp(z, -1) - z[rows, target]
+        grad = torch.softmax(z, -1)
+        grad[rows, target] -= 1.0
+        return value, grad
+
 
 @register_loss("mix")
 class MixedLoss(DistillationLoss):
@@ -81,6 +89,20 @@ class MixedLoss(DistillationLoss):
     def token_loss(self, z, t, valid, *target):
         target = target[0] if target else None
         return sum(w * self._call(loss, "token_loss", z, t, valid, target) for w, loss in self.parts)
+
+    def fast_loss_and_grad(self, z, t, target=None):
+        # Terms work in place on z and t: each gets its own copies, except the last.
+        value = grad = None
+        for i, (w, loss) in enumerate(self.parts):
+            last = i == len(self.parts) - 1
+            out = loss.fast_loss_and_grad(z if last else z.clone(), t if last else t.clone(),
+                                          target if loss.uses_targets else None)
+            if out is None:
+                return None
+            v, g = out
+            value = w * v if value is None else value.add_(v, alpha=w)
+            grad = g.mul_(w) if grad is None else grad.add_(g, alpha=w)
+        return value, grad
 
     def token_loss_and_grad(self, z, t, valid, *target):
         target = target[0] if target else None
