@@ -23,7 +23,7 @@ from csd_ray.devices import process_group_backend, role_device
 from csd_ray.logits import LogitTransform, logit_transform, verify_logits
 from csd_ray.losses import get_loss
 from csd_ray.models import decoder_layers, dtype_of, load_model, load_tokenizer, position_ids
-from csd_ray.rollout import Rollout, TeacherOutput, concat_rollouts
+from csd_ray.rollout import Rollout, TeacherOutput, concat_rollouts, micro_batches, packed_layout, trimmed
 from csd_ray.export import export_hf_folder
 from csd_ray.workers.hf_generate import actor_info, configure_process
 
@@ -35,13 +35,23 @@ class StaleRollout(RuntimeError):
 class StudentLoss(torch.nn.Module):
     """Student + loss as one module, so FSDP2 unshards the lm_head for the fused loss."""
 
-    def __init__(self, model, loss, average: str = "token") -> None:
+    def __init__(self, model, loss, average: str = "token", packing: bool = True) -> None:
         super().__init__()
         self.model, self.loss = model, loss
         self.transform = logit_transform(model.config)  # the logits contract (csd_ray.logits)
         self.average = average  # "token": every response token counts once; "sequence": every sequence does
+        self.packing = packing  # forward the real tokens as one packed row (no padding) instead of [B, T]
 
     def hidden_rows(self, rollout: Rollout) -> torch.Tensor:
+        """``[N, d]`` final hidden states at the loss rows (``rollout.target_mask()`` order)."""
+        if self.packing:
+            # No 2D mask and positions restarting per sequence: transformers detects the packed
+            # sequences and builds a block-diagonal causal mask (sliding windows included).
+            input_ids, positions, rows = packed_layout(rollout)
+            out = self.model.get_decoder()(input_ids=input_ids, attention_mask=None, position_ids=positions,
+                                           use_cache=False)
+            return out.last_hidden_state[0, rows]
+        rollout = trimmed(rollout)
         out = self.model.get_decoder()(
             input_ids=rollout.input_ids,
             attention_mask=rollout.attention_mask,
@@ -122,7 +132,9 @@ class TrainerRank:
         verify_logits(model, f"student model '{self.recipe.student_model.path}'")
         self._losses: dict = {}
         loss = get_loss(cfg.loss.name, vocab_size=len(self.tokenizer), chunk_size=cfg.loss.chunk_size or None, **cfg.loss.params)
-        self.module = StudentLoss(model, loss, cfg.loss.average).to(self.device)
+        if cfg.activation_checkpointing:  # recompute each decoder layer in backward (non-reentrant: FSDP2-safe)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.module = StudentLoss(model, loss, cfg.loss.average, packing=cfg.packing).to(self.device)
         # bf16/fp16 compute with fp32 gradient reduction and fp32 master weights (FSDP2's mixed precision).
         mp = MixedPrecisionPolicy(param_dtype=dtype_of(cfg.param_dtype), reduce_dtype=torch.float32)
         for layer in decoder_layers(model):
@@ -182,6 +194,29 @@ class TrainerRank:
             batches.append((rollout, concat_teacher_outputs(ray.get(list(teacher_refs)))))
         return self.train_on(batches, loss, lr, t_fetch=time.perf_counter() - t0)
 
+    def accumulate_gradients(self, batches: list[tuple[Rollout, TeacherOutput]], normalizer: float) -> torch.Tensor:
+        """Forward/backward of this rank's share of every batch, micro-batch by micro-batch.
+
+        Gradients add up in ``.grad``; each micro-batch's loss is its sum over rows divided by the
+        step's ``normalizer``, so the grouping into micro-batches changes nothing but rounding.
+        Returns this rank's summed loss (fp64 scalar on the rank's device)."""
+        cfg = self.recipe.trainer
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # NCCL reduces device tensors only
+        for rollout, teacher in batches:
+            mine, mine_teacher = self._my_share(rollout, teacher)
+            limits = (cfg.micro_batch_size, cfg.micro_batch_tokens, self.module.packing)
+            # Every rank sees the whole batch: all of them agree on the largest micro-batch count.
+            per_rank = rollout.num_sequences // self.world_size
+            count = max(len(micro_batches(rollout.select(r * per_rank, (r + 1) * per_rank), *limits))
+                        for r in range(self.world_size))
+            for start, stop in micro_batches(mine, *limits, at_least=count):
+                part = _to(mine.select(start, stop), self.device)
+                part_teacher = mine_teacher.select(start, stop).to(self.device)
+                value, _ = self.module(part, part_teacher, self.teacher_lm_head, normalizer)
+                value.backward()
+                loss_sum += value.detach().double()
+        return loss_sum
+
     def train_on(self, batches: list[tuple[Rollout, TeacherOutput]], loss: Optional[dict] = None,
                  lr: Optional[float] = None, t_fetch: float = 0.0) -> dict:
         """One optimizer step over fetched (rollout, teacher output) pairs; every rank sees the same batches."""
@@ -193,17 +228,7 @@ class TrainerRank:
             normalizer = max(sum(r.num_sequences for r, _ in batches), 1) / self.world_size
         else:
             normalizer = max(total_tokens, 1) / self.world_size
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # NCCL reduces device tensors only
-        mb = self.recipe.trainer.micro_batch_size
-        for rollout, teacher in batches:
-            mine, mine_teacher = self._my_share(rollout, teacher)
-            size = mb or mine.num_sequences
-            for start in range(0, mine.num_sequences, size):
-                part = _to(mine.select(start, start + size), self.device)
-                part_teacher = mine_teacher.select(start, start + size).to(self.device)
-                value, _ = self.module(part, part_teacher, self.teacher_lm_head, normalizer)
-                value.backward()
-                loss_sum += value.detach().double()
+        loss_sum = self.accumulate_gradients(batches, normalizer)
         t_fwd_bwd = time.perf_counter() - t0 - t_fetch
         dist.all_reduce(loss_sum)
         loss_value = float(loss_sum) / self.world_size
