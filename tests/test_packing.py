@@ -77,6 +77,36 @@ def test_packed_layout_restarts_positions_and_maps_every_loss_row():
         packed_layout(rollout_from_tokens([[1, 2], []], [[4], [7]], pad_id=0))
 
 
+@pytest.mark.parametrize("window", [None, 3])
+def test_packed_attention_runs_each_sequence_alone_with_its_mask(window):
+    """packed_sdpa_forward = transformers' sdpa over the whole packed row with its block-diagonal
+    (and sliding-window) mask, computed block by block."""
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from csd_ray.workers.trainer import packed_sdpa_forward
+
+    lengths = [5, 1, 7, 4]
+    bounds = torch.tensor([0, 5, 6, 13, 17])
+    seq = torch.repeat_interleave(torch.arange(4), torch.tensor(lengths))
+    i = torch.arange(17)
+    mask = (seq[:, None] == seq[None, :]) & (i[None, :] <= i[:, None])
+    if window:
+        mask &= i[:, None] - i[None, :] < window
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 17, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    module = SimpleNamespace(num_key_value_groups=1, is_causal=True)
+    expected, _ = sdpa_attention_forward(module, q, k, v, mask[None, None])
+    got, _ = packed_sdpa_forward(module, q, k, v, mask[None, None], cu_seq_lens_q=bounds)
+    assert got.shape == expected.shape == (1, 17, 4, 8)
+    assert torch.allclose(got, expected, atol=1e-12, rtol=0)
+    # Without the boundaries it is sdpa over the row; boundaries that cut a sequence change it.
+    assert torch.equal(packed_sdpa_forward(module, q, k, v, mask[None, None])[0], expected)
+    wrong, _ = packed_sdpa_forward(module, q, k, v, mask[None, None], cu_seq_lens_q=torch.tensor([0, 3, 6, 13, 17]))
+    assert not torch.allclose(wrong, expected)
+
+
 @pytest.mark.parametrize("family", ["llama3", "qwen2", "gemma2"])
 def test_packed_and_padded_forwards_give_the_same_loss_and_gradients(family_folder, tmp_path, family):
     rollout, teacher = _batch()

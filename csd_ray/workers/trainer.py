@@ -32,6 +32,46 @@ class StaleRollout(RuntimeError):
     """A rollout older than the staleness bound reached the trainer (its sampler restarted)."""
 
 
+PACKED_SDPA = "sdpa_packed"
+"""transformers attention implementation: sdpa, run sequence by sequence on a packed row."""
+
+
+def packed_sdpa_forward(module, query, key, value, attention_mask, cu_seq_lens_q=None, **kwargs):
+    """transformers' sdpa attention, one call per packed sequence instead of one over the whole row.
+
+    ``query``/``key``/``value`` [1, heads, L, head_dim] hold several sequences back to back; the
+    block-diagonal mask transformers builds from restarting positions makes the other blocks
+    zero-weight, so attending within each block (``cu_seq_lens_q`` [S+1]: cumulative lengths,
+    the varlen convention of transformers' flash-attention kwargs) gives the same output at
+    sum(l_i^2) instead of L^2 cost. A block whose mask is plain causal runs as ``is_causal``
+    (the kernel then skips the upper triangle); any other (e.g. a sliding window) keeps its
+    slice of the mask. Without ``cu_seq_lens_q`` this is transformers' sdpa unchanged."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if cu_seq_lens_q is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    bounds = cu_seq_lens_q.tolist()
+    parts = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        if a == b:  # a sequence without tokens
+            continue
+        mask = None if attention_mask is None else attention_mask[..., a:b, a:b]
+        if mask is not None and mask.dtype == torch.bool and torch.equal(
+                mask, torch.ones(b - a, b - a, dtype=torch.bool, device=mask.device).tril().expand_as(mask)):
+            mask = None
+        parts.append(sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], mask,
+                                            **kwargs)[0])
+    return torch.cat(parts, dim=1), None
+
+
+def _register_packed_sdpa() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(PACKED_SDPA, packed_sdpa_forward)
+    AttentionMaskInterface.register(PACKED_SDPA, sdpa_mask)  # the very masks sdpa gets
+
+
 class StudentLoss(torch.nn.Module):
     """Student + loss as one module, so FSDP2 unshards the lm_head for the fused loss."""
 
@@ -41,6 +81,10 @@ class StudentLoss(torch.nn.Module):
         self.transform = logit_transform(model.config)  # the logits contract (csd_ray.logits)
         self.average = average  # "token": every response token counts once; "sequence": every sequence does
         self.packing = packing  # forward the real tokens as one packed row (no padding) instead of [B, T]
+        if getattr(model.config, "_attn_implementation", None) == "sdpa":
+            # Same kernel and masks; packed rows then attend sequence by sequence (packed_sdpa_forward).
+            _register_packed_sdpa()
+            model.set_attn_implementation(PACKED_SDPA)
 
     def hidden_rows(self, rollout: Rollout) -> torch.Tensor:
         """``[N, d]`` final hidden states at the loss rows (``rollout.target_mask()`` order)."""
@@ -48,8 +92,10 @@ class StudentLoss(torch.nn.Module):
             # No 2D mask and positions restarting per sequence: transformers detects the packed
             # sequences and builds a block-diagonal causal mask (sliding windows included).
             input_ids, positions, rows = packed_layout(rollout)
+            lengths = rollout.attention_mask.sum(1)
+            bounds = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
             out = self.model.get_decoder()(input_ids=input_ids, attention_mask=None, position_ids=positions,
-                                           use_cache=False)
+                                           use_cache=False, cu_seq_lens_q=bounds)
             return out.last_hidden_state[0, rows]
         rollout = trimmed(rollout)
         out = self.model.get_decoder()(
