@@ -175,6 +175,18 @@ class TrainerConfig:
     """Process-group backend; auto = nccl when ranks have GPUs, else gloo."""
     micro_batch_size: int = 0
     """Sequences per forward/backward on a rank; 0 = the rank's whole share at once."""
+    micro_batch_tokens: int = 0
+    """Tokens (prompt + response; with packing off, rows x longest row) per forward/backward on a
+    rank; consecutive sequences are grouped up to this budget, a longer sequence alone. 0 = no
+    budget. Combines with micro_batch_size (both limits hold). The loss is the same: every
+    micro-batch divides by the whole step's token (or sequence) count."""
+    packing: bool = True
+    """Forward each micro-batch as one row of its sequences' real tokens, concatenated without
+    padding (positions restart per sequence, attention stays within each sequence); false = pad
+    every sequence to the micro-batch's longest. Same loss and gradients (tests/test_packing.py)."""
+    activation_checkpointing: bool = False
+    """Keep only each decoder layer's input in forward and recompute the layer in backward
+    (transformers' gradient checkpointing, non-reentrant): less activation memory, ~1/3 more compute."""
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     """Compute dtype of the student's forward/backward (FSDP2 MixedPrecisionPolicy.param_dtype).
     Master weights, optimizer state and gradient reduction stay fp32; the loss math is fp32.
@@ -201,7 +213,7 @@ class TrainerConfig:
             raise located.error(f"{key}.lr", f"must be a positive number, got {self.lr}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise located.error(f"{key}.betas", f"expected two numbers in [0, 1), got {self.betas}")
-        for name in ("micro_batch_size", "warmup_steps"):
+        for name in ("micro_batch_size", "micro_batch_tokens", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise located.error(f"{key}.{name}", f"must be >= 0, got {getattr(self, name)}")
         if self.grad_clip < 0:

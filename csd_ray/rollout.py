@@ -65,6 +65,106 @@ class Rollout:
         )
 
 
+def packed_layout(rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rollout's real tokens as one packed row, for a padding-free forward.
+
+    Returns ``input_ids`` [1, L] and ``position_ids`` [1, L] (L = real tokens of all sequences,
+    concatenated in sequence order; positions restart at 0 with each sequence, as
+    ``csd_ray.models.position_ids`` numbers them in the padded layout), and ``rows`` [N]: the
+    packed index of every loss row, in the padded layout's row order (``target_mask()``), so
+    ``hidden[0, rows]`` equals ``hidden_padded[:, :-1][target_mask()]``.
+
+    With no 2D attention mask, transformers reads the restarting positions as packed sequences
+    and keeps attention within each one (``masking_utils.find_packed_sequence_indices``).
+    Raises ValueError when a response token follows padding (an empty prompt): its loss row
+    would be read at a padding position, which has no packed counterpart."""
+    real = rollout.attention_mask.bool()
+    lengths = real.sum(1)
+    flat = real.flatten().long().cumsum(0).view_as(real) - 1  # packed index of each real token
+    starts = torch.cumsum(lengths, 0) - lengths
+    total = int(lengths.sum())
+    positions = torch.arange(total, device=real.device) - starts.repeat_interleave(lengths)
+    target = rollout.target_mask()
+    if not real[:, :-1][target].all():
+        raise ValueError("a response token follows padding (empty prompt?): it has no position to be predicted from")
+    return rollout.input_ids[real][None], positions[None], flat[:, :-1][target]
+
+
+def micro_batches(rollout: Rollout, max_sequences: int = 0, max_tokens: int = 0, packed: bool = True,
+                  at_least: int = 0) -> list[tuple[int, int]]:
+    """Consecutive ``(start, stop)`` sequence ranges, each one micro-batch of a trainer rank.
+
+    A range holds at most ``max_sequences`` sequences and at most ``max_tokens`` tokens as the
+    forward pass sees them: prompt + response tokens when ``packed``, else rows x the widest
+    row (padding included, columns that are padding in every row trimmed). 0 = no limit. A
+    sequence alone over the token budget gets a micro-batch of its own. Sequences keep their
+    order (teacher rows are sliced by range). The widest ranges are halved until there are
+    ``at_least`` of them (at most one per sequence): FSDP ranks must run the same number of
+    forward/backward passes, or their collectives would not pair up."""
+    n = rollout.num_sequences
+    if not max_tokens:
+        size = max_sequences or max(n, 1)
+        return _at_least([(s, min(s + size, n)) for s in range(0, n, size)], at_least)
+    real = rollout.attention_mask.bool()
+    lengths = real.sum(1).tolist()
+    cols = torch.arange(real.shape[1])
+    first = torch.where(real, cols, real.shape[1]).min(1).values.tolist()
+    last = torch.where(real, cols, -1).max(1).values.tolist()
+    out, start, used, lo, hi = [], 0, 0, 0, -1
+    for i in range(n):
+        if i > start:
+            if packed:
+                cost = used + lengths[i]
+            else:
+                cost = (i - start + 1) * (max(hi, last[i]) - min(lo, first[i]) + 1)
+            if cost > max_tokens or (max_sequences and i - start >= max_sequences):
+                out.append((start, i))
+                start = i
+        if i == start:
+            used, lo, hi = 0, first[i], last[i]
+        used += lengths[i]
+        lo, hi = min(lo, first[i]), max(hi, last[i])
+    if n:
+        out.append((start, n))
+    return _at_least(out, at_least)
+
+
+def _at_least(ranges: list[tuple[int, int]], count: int) -> list[tuple[int, int]]:
+    ranges = list(ranges)
+    while len(ranges) < count:
+        i = max(range(len(ranges)), key=lambda j: ranges[j][1] - ranges[j][0])
+        start, stop = ranges[i]
+        if stop - start < 2:
+            break
+        middle = (start + stop) // 2
+        ranges[i:i + 1] = [(start, middle), (middle, stop)]
+    return ranges
+
+
+def trimmed(rollout: Rollout) -> Rollout:
+    """The rollout without the columns that are padding in every row (loss rows unchanged).
+
+    A micro-batch cut from a batch keeps the batch's width; the padded forward then pads only to
+    its own longest sequence. The column just before the first response column stays (it
+    predicts that response token)."""
+    real = rollout.attention_mask.bool().any(0).nonzero()
+    if not real.numel():
+        return rollout
+    lo, hi = int(real[0]), int(real[-1]) + 1
+    response = rollout.response_mask.any(0).nonzero()
+    if response.numel():
+        lo = max(0, min(lo, int(response[0]) - 1))
+    if lo == 0 and hi == rollout.input_ids.shape[1]:
+        return rollout
+
+    def cut(x):
+        return None if x is None else x[:, lo:hi]
+
+    return Rollout(cut(rollout.input_ids), cut(rollout.attention_mask), cut(rollout.response_mask),
+                   cut(rollout.sampled_logprobs), cut(rollout.student_topk_ids), rollout.weight_version, rollout.source,
+                   rollout.loss_weight, rollout.prompt_indices, rollout.rollout_id, rollout.seconds, rollout.worker_pid)
+
+
 def concat_rollouts(parts: list[Rollout]) -> Rollout:
     """Join rollouts (e.g. shards of several samplers): re-pad to one common layout."""
     if len(parts) == 1:

@@ -23,7 +23,7 @@ from csd_ray.devices import process_group_backend, role_device
 from csd_ray.logits import LogitTransform, logit_transform, verify_logits
 from csd_ray.losses import get_loss
 from csd_ray.models import decoder_layers, dtype_of, load_model, load_tokenizer, position_ids
-from csd_ray.rollout import Rollout, TeacherOutput, concat_rollouts
+from csd_ray.rollout import Rollout, TeacherOutput, concat_rollouts, micro_batches, packed_layout, trimmed
 from csd_ray.export import export_hf_folder
 from csd_ray.workers.hf_generate import actor_info, configure_process
 
@@ -32,16 +32,72 @@ class StaleRollout(RuntimeError):
     """A rollout older than the staleness bound reached the trainer (its sampler restarted)."""
 
 
+PACKED_SDPA = "sdpa_packed"
+"""transformers attention implementation: sdpa, run sequence by sequence on a packed row."""
+
+
+def packed_sdpa_forward(module, query, key, value, attention_mask, cu_seq_lens_q=None, **kwargs):
+    """transformers' sdpa attention, one call per packed sequence instead of one over the whole row.
+
+    ``query``/``key``/``value`` [1, heads, L, head_dim] hold several sequences back to back; the
+    block-diagonal mask transformers builds from restarting positions makes the other blocks
+    zero-weight, so attending within each block (``cu_seq_lens_q`` [S+1]: cumulative lengths,
+    the varlen convention of transformers' flash-attention kwargs) gives the same output at
+    sum(l_i^2) instead of L^2 cost. A block whose mask is plain causal runs as ``is_causal``
+    (the kernel then skips the upper triangle); any other (e.g. a sliding window) keeps its
+    slice of the mask. Without ``cu_seq_lens_q`` this is transformers' sdpa unchanged."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if cu_seq_lens_q is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    bounds = cu_seq_lens_q.tolist()
+    parts = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        if a == b:  # a sequence without tokens
+            continue
+        mask = None if attention_mask is None else attention_mask[..., a:b, a:b]
+        if mask is not None and mask.dtype == torch.bool and torch.equal(
+                mask, torch.ones(b - a, b - a, dtype=torch.bool, device=mask.device).tril().expand_as(mask)):
+            mask = None
+        parts.append(sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], mask,
+                                            **kwargs)[0])
+    return torch.cat(parts, dim=1), None
+
+
+def _register_packed_sdpa() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(PACKED_SDPA, packed_sdpa_forward)
+    AttentionMaskInterface.register(PACKED_SDPA, sdpa_mask)  # the very masks sdpa gets
+
+
 class StudentLoss(torch.nn.Module):
     """Student + loss as one module, so FSDP2 unshards the lm_head for the fused loss."""
 
-    def __init__(self, model, loss, average: str = "token") -> None:
+    def __init__(self, model, loss, average: str = "token", packing: bool = True) -> None:
         super().__init__()
         self.model, self.loss = model, loss
         self.transform = logit_transform(model.config)  # the logits contract (csd_ray.logits)
         self.average = average  # "token": every response token counts once; "sequence": every sequence does
+        self.packing = packing  # forward the real tokens as one packed row (no padding) instead of [B, T]
+        if getattr(model.config, "_attn_implementation", None) == "sdpa":
+            # Same kernel and masks; packed rows then attend sequence by sequence (packed_sdpa_forward).
+            _register_packed_sdpa()
+            model.set_attn_implementation(PACKED_SDPA)
 
     def hidden_rows(self, rollout: Rollout) -> torch.Tensor:
+        """``[N, d]`` final hidden states at the loss rows (``rollout.target_mask()`` order)."""
+        if self.packing:
+            # No 2D mask and positions restarting per sequence: transformers detects the packed
+            # sequences and builds a block-diagonal causal mask (sliding windows included).
+            input_ids, positions, rows = packed_layout(rollout)
+            lengths = rollout.attention_mask.sum(1)
+            bounds = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+            out = self.model.get_decoder()(input_ids=input_ids, attention_mask=None, position_ids=positions,
+                                           use_cache=False, cu_seq_lens_q=bounds)
+            return out.last_hidden_state[0, rows]
+        rollout = trimmed(rollout)
         out = self.model.get_decoder()(
             input_ids=rollout.input_ids,
             attention_mask=rollout.attention_mask,
@@ -122,7 +178,9 @@ class TrainerRank:
         verify_logits(model, f"student model '{self.recipe.student_model.path}'")
         self._losses: dict = {}
         loss = get_loss(cfg.loss.name, vocab_size=len(self.tokenizer), chunk_size=cfg.loss.chunk_size or None, **cfg.loss.params)
-        self.module = StudentLoss(model, loss, cfg.loss.average).to(self.device)
+        if cfg.activation_checkpointing:  # recompute each decoder layer in backward (non-reentrant: FSDP2-safe)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.module = StudentLoss(model, loss, cfg.loss.average, packing=cfg.packing).to(self.device)
         # bf16/fp16 compute with fp32 gradient reduction and fp32 master weights (FSDP2's mixed precision).
         mp = MixedPrecisionPolicy(param_dtype=dtype_of(cfg.param_dtype), reduce_dtype=torch.float32)
         for layer in decoder_layers(model):
@@ -182,6 +240,29 @@ class TrainerRank:
             batches.append((rollout, concat_teacher_outputs(ray.get(list(teacher_refs)))))
         return self.train_on(batches, loss, lr, t_fetch=time.perf_counter() - t0)
 
+    def accumulate_gradients(self, batches: list[tuple[Rollout, TeacherOutput]], normalizer: float) -> torch.Tensor:
+        """Forward/backward of this rank's share of every batch, micro-batch by micro-batch.
+
+        Gradients add up in ``.grad``; each micro-batch's loss is its sum over rows divided by the
+        step's ``normalizer``, so the grouping into micro-batches changes nothing but rounding.
+        Returns this rank's summed loss (fp64 scalar on the rank's device)."""
+        cfg = self.recipe.trainer
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # NCCL reduces device tensors only
+        for rollout, teacher in batches:
+            mine, mine_teacher = self._my_share(rollout, teacher)
+            limits = (cfg.micro_batch_size, cfg.micro_batch_tokens, self.module.packing)
+            # Every rank sees the whole batch: all of them agree on the largest micro-batch count.
+            per_rank = rollout.num_sequences // self.world_size
+            count = max(len(micro_batches(rollout.select(r * per_rank, (r + 1) * per_rank), *limits))
+                        for r in range(self.world_size))
+            for start, stop in micro_batches(mine, *limits, at_least=count):
+                part = _to(mine.select(start, stop), self.device)
+                part_teacher = mine_teacher.select(start, stop).to(self.device)
+                value, _ = self.module(part, part_teacher, self.teacher_lm_head, normalizer)
+                value.backward()
+                loss_sum += value.detach().double()
+        return loss_sum
+
     def train_on(self, batches: list[tuple[Rollout, TeacherOutput]], loss: Optional[dict] = None,
                  lr: Optional[float] = None, t_fetch: float = 0.0) -> dict:
         """One optimizer step over fetched (rollout, teacher output) pairs; every rank sees the same batches."""
@@ -193,17 +274,7 @@ class TrainerRank:
             normalizer = max(sum(r.num_sequences for r, _ in batches), 1) / self.world_size
         else:
             normalizer = max(total_tokens, 1) / self.world_size
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # NCCL reduces device tensors only
-        mb = self.recipe.trainer.micro_batch_size
-        for rollout, teacher in batches:
-            mine, mine_teacher = self._my_share(rollout, teacher)
-            size = mb or mine.num_sequences
-            for start in range(0, mine.num_sequences, size):
-                part = _to(mine.select(start, start + size), self.device)
-                part_teacher = mine_teacher.select(start, start + size).to(self.device)
-                value, _ = self.module(part, part_teacher, self.teacher_lm_head, normalizer)
-                value.backward()
-                loss_sum += value.detach().double()
+        loss_sum = self.accumulate_gradients(batches, normalizer)
         t_fwd_bwd = time.perf_counter() - t0 - t_fetch
         dist.all_reduce(loss_sum)
         loss_value = float(loss_sum) / self.world_size
