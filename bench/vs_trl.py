@@ -176,7 +176,9 @@ def run_trl(args, prompts_path: Path, student_dir: str, teacher_dir: str, tokeni
     trainer = ProfiledGKDTrainer(
         model=AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32),
         teacher_model=AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32),
-        args=config, train_dataset=load_dataset("json", data_files=str(prompts_path), split="train"),
+        # GKD's ChatML collator reads "messages" and would take a "prompt" column for a string
+        args=config, train_dataset=load_dataset("json", data_files=str(prompts_path), split="train").remove_columns(
+            ["prompt"]),
         processing_class=tokenizer, callbacks=[clock],
     )
     # This TRL version divides the loss by the token count of the dataset's answers (0 for
@@ -320,12 +322,15 @@ def main() -> None:
         sys.exit(f"{store} holds results for other settings ({saved['settings']}); use another --json")
     results = saved.get("results", {})
     before = saved.get("before")
+
+    def save(before: dict) -> None:
+        if store:
+            store.parent.mkdir(parents=True, exist_ok=True)
+            store.write_text(json.dumps({"settings": settings, "before": before, "results": results,
+                                         "versions": versions()}, indent=1))
+
     if systems or before is None:
-        before = measure(args, systems, results)
-    if store:
-        store.parent.mkdir(parents=True, exist_ok=True)
-        store.write_text(json.dumps({"settings": settings, "before": before, "results": results,
-                                     "versions": versions()}, indent=1))
+        before = measure(args, systems, results, save)
     report(args, before, results)
 
 
@@ -341,8 +346,9 @@ def versions() -> dict:
             "cpus": os.cpu_count()}
 
 
-def measure(args, systems: list[str], results: dict) -> dict:
-    """Run ``systems`` (adding their results to ``results``); returns the student's quality before training."""
+def measure(args, systems: list[str], results: dict, save) -> dict:
+    """Run ``systems``, adding each one's result to ``results`` and calling ``save(before)`` as it
+    lands; returns the student's quality before training."""
     if any(name in TRL_SYSTEMS for name in systems):
         try:
             import trl  # noqa: F401
@@ -357,7 +363,6 @@ def measure(args, systems: list[str], results: dict) -> dict:
     from transformers import AutoModelForCausalLM
 
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
-    runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         prompts_path, eval_questions = write_prompts(out, (args.warmup + args.steps) * args.batch, args.eval)
@@ -367,25 +372,28 @@ def measure(args, systems: list[str], results: dict) -> dict:
         start = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32).eval()
         before = evaluate(start, teacher, tokenizer, eval_prompts, args.new_tokens, teacher_greedy)
         del start
+        save(before)
+
+        def finish(name: str, result: dict) -> None:  # judged and saved at once: a later failure keeps it
+            result["quality"] = evaluate(result.pop("model"), teacher, tokenizer, eval_prompts, args.new_tokens,
+                                         teacher_greedy)
+            result["tok_s"] = result["generated_tokens"] / result["seconds"]
+            results[name] = result
+            save(before)
+
         for name in TRL_SYSTEMS:
             if name in systems:
                 print(f"TRL {name} ...", file=sys.stderr, flush=True)
-                runs[name] = (run_trl_distill(args, prompts_path, student_dir, teacher_dir, tokenizer, out)
-                              if name == "trl-distill" else
-                              run_trl(args, prompts_path, student_dir, teacher_dir, tokenizer, out,
-                                      kv_cache=name == "trl-kv"))
+                finish(name, run_trl_distill(args, prompts_path, student_dir, teacher_dir, tokenizer, out)
+                       if name == "trl-distill" else
+                       run_trl(args, prompts_path, student_dir, teacher_dir, tokenizer, out, kv_cache=name == "trl-kv"))
         if any(name in CSD_RAY_SYSTEMS for name in systems):
             ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
             for name in CSD_RAY_SYSTEMS:
                 if name in systems:
                     print(f"csd_ray {name} ...", file=sys.stderr, flush=True)
-                    runs[f"csd_ray {name}"] = run_csd_ray(args, name, prompts_path, student_dir, out)
+                    finish(f"csd_ray {name}", run_csd_ray(args, name, prompts_path, student_dir, out))
             ray.shutdown()
-        for name, result in runs.items():
-            result["quality"] = evaluate(result.pop("model"), teacher, tokenizer, eval_prompts, args.new_tokens,
-                                         teacher_greedy)
-            result["tok_s"] = result["generated_tokens"] / result["seconds"]
-            results[name] = result
     return before
 
 
