@@ -120,6 +120,20 @@ def test_sampler_matches_trainer_logits_after_weight_sync(ray_session, tmp_path)
         ray_session.kill(sampler)
 
 
+def test_weights_leave_the_trainer_in_the_samplers_dtype(ray_session, tmp_path):
+    """A bf16 sampler gets bf16 weights (half the bytes, no cast on its side), rounded from the fp32 masters."""
+    recipe = smoke_recipe(tmp_path, "student_model.dtype=bfloat16", "teacher_model.dtype=bfloat16")
+    group = _group(recipe, 1)
+    try:
+        sent = group.call("host_weights")[0].to_state_dict()
+        master = group.call("full_state_dict")[0]
+    finally:
+        group.shutdown()
+    assert sent.keys() == master.keys() and {t.dtype for t in master.values()} == {torch.float32}
+    for name, tensor in sent.items():
+        assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, master[name].to(torch.bfloat16)), name
+
+
 def test_async_mode_never_exceeds_max_staleness(ray_session, tmp_path):
     recipe = smoke_recipe(tmp_path, "run.mode=async", "run.max_staleness=1", "run.steps=5")
     Controller(recipe, log=lambda m: None).run()

@@ -20,13 +20,21 @@ LONG_PROMPTS = [[(7 * i + 3) % 900 + 10 for i in range(200)], [(11 * i + 5) % 70
 @pytest.fixture(scope="module")
 def vllm_actors(ray_session, tmp_path_factory):
     recipe = smoke_recipe(tmp_path_factory.mktemp("vllm"), "teacher.backend=vllm", "teacher.payload=topk",
-                          "teacher.topk=8", "sampler.backend=vllm")
+                          "teacher.topk=8", "sampler.backend=vllm", "sampler.placement.threads=2",
+                          "teacher.placement.threads=2")
     sampler = ray_session.remote(VLLMSampler).options(num_cpus=0.5).remote(recipe)
     teacher = ray_session.remote(VLLMTeacher).options(num_cpus=0.5).remote(recipe)
     ray_session.get([sampler.ready.remote(), teacher.ready.remote()])
     yield recipe, sampler, teacher
     ray_session.kill(sampler)
     ray_session.kill(teacher)
+
+
+def test_vllm_roles_decode_with_the_threads_their_placement_asks_for(ray_session, vllm_actors):
+    # num_cpus=0.5 makes Ray set OMP_NUM_THREADS=1, and vLLM's CPU worker then refuses later
+    # torch.set_num_threads calls: the threads must be set before the engine starts.
+    _, sampler, teacher = vllm_actors
+    assert [ray_session.get(a.ready.remote())["threads"] for a in (sampler, teacher)] == [2, 2]
 
 
 def test_vllm_sampling_logprobs_match_hf(ray_session, vllm_actors):

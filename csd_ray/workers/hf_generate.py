@@ -20,11 +20,13 @@ def configure_process(threads: int) -> None:
 
 
 def actor_info(**extra) -> dict:
-    """pid and Ray node of the calling actor (actors.json; restarts show as new pids)."""
+    """pid, Ray node and torch intra-op threads of the calling actor (actors.json; restarts show
+    as new pids; threads show whether roles sharing cores got the count their placement asked for)."""
     import ray
 
     context = ray.get_runtime_context()
-    return {"pid": os.getpid(), "node_id": context.get_node_id(), "name": context.get_actor_name(), **extra}
+    return {"pid": os.getpid(), "node_id": context.get_node_id(), "name": context.get_actor_name(),
+            "threads": torch.get_num_threads(), **extra}
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

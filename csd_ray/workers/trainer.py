@@ -342,11 +342,16 @@ class TrainerRank:
         return {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
 
     def host_weights(self):
-        """The full state dict in the form the object store moves cheaply (rank 0). Collective."""
+        """The full state dict in the form the object store moves cheaply (rank 0), in the
+        sampler's dtype (student_model.dtype): a bf16 sampler gets half the bytes and loads
+        them without a cast. Collective."""
         from csd_ray.weight_sync import HostWeights  # (lazily: Ray-free uses, e.g. scripts/gpu_check.py)
 
         state = self.full_state_dict()
-        return HostWeights.from_state_dict(state) if state is not None else None
+        if state is None:
+            return None
+        dtype = dtype_of(self.recipe.student_model.dtype)
+        return HostWeights.from_state_dict({k: v.to(dtype) for k, v in state.items()})
 
     def save_hf(self, path: str) -> Optional[str]:
         """Write an HF folder (model + tokenizer) from rank 0. Collective."""

@@ -25,7 +25,7 @@ from csd_ray.generation import SamplingSpec, TokenRules, cut_at_stop, token_rule
 from csd_ray.models import load_tokenizer, model_folder
 from csd_ray.rollout import Rollout, TeacherOutput, row_offsets
 from csd_ray.weight_sync import HostWeights
-from csd_ray.workers.hf_generate import actor_info, left_pad
+from csd_ray.workers.hf_generate import actor_info, configure_process, left_pad
 
 CPU_ENV = {
     "TORCH_COMPILE_DISABLE": "1",
@@ -129,10 +129,17 @@ def vllm_generate(llm, rules: TokenRules, model_vocab: int, prompts: list[list[i
     return Rollout(seq, attn, resp, sampled, topk, seconds=time.perf_counter() - t0)
 
 
-def _engine(model_cfg, recipe: Recipe, seed: int, nccl: bool = False, max_logprobs: int = 20):
-    """(tokenizer, token rules, model vocabulary, LLM) of a vLLM role."""
+def _engine(model_cfg, recipe: Recipe, placement, seed: int, nccl: bool = False, max_logprobs: int = 20):
+    """(tokenizer, token rules, model vocabulary, LLM) of a vLLM role, with the role's torch threads.
+
+    Threads are set before the engine starts: Ray gives an actor with num_cpus < 2 one OpenMP
+    thread, and the CPU worker then forbids ``torch.set_num_threads`` (it replaces the function),
+    so without this a CPU sampler decoded on 1 of the 2 threads its placement asked for."""
     from transformers import AutoConfig
 
+    threads = placement.torch_threads()
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    configure_process(threads)
     tokenizer = load_tokenizer(model_cfg)
     folder = model_folder(model_cfg, tokenizer)
     llm = make_llm(folder, model_cfg.dtype, seed, _max_len(recipe), recipe.sampler.vllm_gpu_memory_utilization,
@@ -147,7 +154,7 @@ class VLLMSampler:
     def __init__(self, recipe: Recipe, replica: int = 0) -> None:
         self.recipe, self.replica = recipe, replica
         self.tokenizer, self.rules, self.model_vocab, self.llm = _engine(
-            recipe.student_model, recipe, recipe.run.seed + replica, recipe.sampler.weight_transfer == "nccl",
+            recipe.student_model, recipe, recipe.sampler.placement, recipe.run.seed + replica, recipe.sampler.weight_transfer == "nccl",
             recipe.sampler.student_topk)
         self.version = 0
 
@@ -201,7 +208,7 @@ class VLLMTeacher:
         self.recipe, self.replica = recipe, replica
         # max_logprobs from the recipe: vLLM's default cap (20) would refuse teacher.topk=64 at step 1.
         self.tokenizer, self.rules, self.model_vocab, self.llm = _engine(
-            recipe.teacher_model, recipe, recipe.run.seed + 1000 + replica, max_logprobs=recipe.teacher.topk)
+            recipe.teacher_model, recipe, recipe.teacher.placement, recipe.run.seed + 1000 + replica, max_logprobs=recipe.teacher.topk)
 
     ready = VLLMSampler.ready
 
