@@ -94,7 +94,7 @@ def test_overrides_index_lists_and_fill_in_default_lists():
     from csd_ray.config import load_recipe
 
     recipe = load_recipe(REPO / "recipes" / "local.yaml", ["stages.1.steps=50", "stages.0.lr=2e-4"])
-    assert [s.steps for s in recipe.stages] == [15, 50] and recipe.run.steps == 65
+    assert [s.steps for s in recipe.stages] == [30, 50] and recipe.run.steps == 80
     assert recipe.stages[0].lr == 2e-4
     two = load_recipe(
         REPO / "recipes" / "smoke.yaml",
