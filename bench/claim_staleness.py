@@ -1,8 +1,8 @@
 """Claim (unpublished): does CSD's teacher weighting make on-policy distillation robust to stale rollouts?
 
 Async on-policy distillation studies report teacher-weighted forward KL robust to stale rollouts
-and student-weighted reverse KL fragile. Here every loss trains from the same shared warm-up
-checkpoint (bench/quality.py's) on student samples drawn with weights exactly k versions old at
+and student-weighted reverse KL fragile. Here every loss trains from one shared warm-up
+checkpoint (bench/quality.py's warm-up, on the teacher's cached greedy answers) on student samples drawn with weights exactly k versions old at
 most: the sampler receives new weights every k + 1 steps (`run.weight_sync_every`, sync mode, so
 the staleness pattern is deterministic, 0, 1, …, k, 0, …, and identical for every loss), for
 k = 0, 1, 2. Losses: RKL, FKL, CSD (S,S), CSD (T,S), CSD TS-mix (α=0.15).
@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import ray  # noqa: E402
 
-from quality import LABELS, LOSSES, mean_ci, run  # noqa: E402  (same folder)
+from quality import LABELS, LOSSES, common_overrides, mean_ci, parse_losses, run, warm_up  # noqa: E402  (same folder)
 
 from csd_ray.metrics import read_metrics  # noqa: E402
 
@@ -57,22 +57,17 @@ def main() -> None:
         args.losses, args.staleness, args.seeds, args.steps, args.eval_size = "rkl,csd_ts", "0,2", 1, 3, 8
         args.new_tokens, args.warmup_steps = 16, 2
         args.out = args.out if args.out != "runs/staleness" else "runs/staleness_quick"
-    losses = [x.strip() for x in args.losses.split(",") if x.strip()]
-    if any(x not in LOSSES for x in losses):
-        sys.exit(f"error: --losses: expected some of {', '.join(LOSSES)}, got {args.losses}")
+    losses = parse_losses(args.losses)
     ks = [int(k) for k in args.staleness.split(",")]
     seeds = list(range(args.seeds))
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     cache = out / "teacher_greedy.pt"
-    common = [f"data.eval_size={args.eval_size}", "data.split_seed=0", f"batch.max_new_tokens={args.new_tokens}",
-              f"run.eval_max_new_tokens={args.new_tokens}"]
+    common = common_overrides(args.eval_size, args.new_tokens)
     ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     t0 = time.perf_counter()
     warm_dir = out / "warmup"
-    warm_stage = (f"stages=[{{name: warmup, steps: {args.warmup_steps}, sources: [{{kind: teacher, greedy: true, cache: 128}}], "
-                  "loss: {name: fkl}, lr: 3.0e-4}]")
-    run([*common, "run.seed=0", warm_stage], warm_dir, cache, args.warmup_steps, skip_first_eval=False)
+    warm_up(warm_dir, common, cache, args.warmup_steps, "{kind: teacher, greedy: true, cache: 128}", 3.0e-4)
     results: dict = {}
     for name in losses:
         loss, sources, mode = LOSSES[name]

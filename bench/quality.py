@@ -131,6 +131,30 @@ def run(overrides: list[str], run_dir: Path, cache: Path, steps: int, skip_first
     return time.perf_counter() - t0
 
 
+def parse_losses(text: str) -> list[str]:
+    """Loss names of a comma-separated --losses value; exits with one line on an unknown name."""
+    losses = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in losses if name not in LOSSES]
+    if unknown:
+        sys.exit(f"error: --losses: unknown '{unknown[0]}'; expected some of {', '.join(LOSSES)}")
+    return losses
+
+
+def common_overrides(eval_size: int, new_tokens: int) -> list[str]:
+    """Overrides every run of a comparison shares: the held-out prompts and the response length."""
+    return [f"data.eval_size={eval_size}", "data.split_seed=0", f"batch.max_new_tokens={new_tokens}",
+            f"run.eval_max_new_tokens={new_tokens}"]
+
+
+def warm_up(warm_dir: Path, common: list[str], cache: Path, steps: int, source: str, lr: float) -> tuple[float, dict]:
+    """The shared warm-up every compared run starts from: ``steps`` FKL steps on teacher
+    responses (``source``: a YAML source mapping), seed 0. Returns (wall seconds, its last evaluation)."""
+    stage = f"stages=[{{name: warmup, steps: {steps}, sources: [{source}], loss: {{name: fkl}}, lr: {lr}}}]"
+    seconds = run([*common, "run.seed=0", stage], warm_dir, cache, steps, skip_first_eval=False)
+    print(f"warm-up: {steps} steps in {seconds:.0f} s", flush=True)
+    return seconds, read_metrics(warm_dir / "metrics.jsonl", kind="eval")[-1]
+
+
 def collect(out: Path, losses: list[str], seeds: list[int], warm: dict) -> dict:
     """{loss: {step: {metric: [value per seed]}}}; step 0 is the shared warm-up's evaluation."""
     curves: dict = {}
@@ -235,25 +259,17 @@ def main() -> None:
         args.losses, args.seeds, args.eval_size = "rkl,csd_ts", 2, 8
         args.warmup_steps, args.steps, args.eval_every, args.new_tokens = 2, 2, 1, 16
         args.out = args.out if args.out != "runs/quality" else "runs/quality_quick"
-    losses = [name.strip() for name in args.losses.split(",") if name.strip()]
-    unknown = [name for name in losses if name not in LOSSES]
-    if unknown:
-        sys.exit(f"error: --losses: unknown '{unknown[0]}'; expected some of {', '.join(LOSSES)}")
+    losses = parse_losses(args.losses)
     seeds = list(range(args.seeds))
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     cache = out / "teacher_greedy.pt"
-    common = [f"data.eval_size={args.eval_size}", "data.split_seed=0", f"batch.max_new_tokens={args.new_tokens}",
-              f"run.eval_max_new_tokens={args.new_tokens}"]
+    common = common_overrides(args.eval_size, args.new_tokens)
 
     ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     t_start = time.perf_counter()
     warm_dir = out / "warmup"
-    warm_stage = (f"stages=[{{name: warmup, steps: {args.warmup_steps}, sources: [{{kind: teacher}}], "
-                  "loss: {name: fkl}, lr: 2.0e-4}]")
-    t_warm = run([*common, "run.seed=0", warm_stage], warm_dir, cache, args.warmup_steps, skip_first_eval=False)
-    print(f"warm-up: {args.warmup_steps} steps in {t_warm:.0f} s", flush=True)
-    warm = read_metrics(warm_dir / "metrics.jsonl", kind="eval")[-1]
+    t_warm, warm = warm_up(warm_dir, common, cache, args.warmup_steps, "{kind: teacher}", 2.0e-4)
 
     walls = []
     for name in losses:
