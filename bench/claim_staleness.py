@@ -1,19 +1,21 @@
 """Claim (unpublished): does CSD's teacher weighting make on-policy distillation robust to stale rollouts?
 
 Async on-policy distillation studies report teacher-weighted forward KL robust to stale rollouts
-and student-weighted reverse KL fragile. Here every loss trains from one shared warm-up
-checkpoint (bench/quality.py's warm-up, on the teacher's cached greedy answers) on student samples drawn with weights exactly k versions old at
-most: the sampler receives new weights every k + 1 steps (`run.weight_sync_every`, sync mode, so
-the staleness pattern is deterministic, 0, 1, …, k, 0, …, and identical for every loss), for
-k = 0, 1, 2. Losses: RKL, FKL, CSD (S,S), CSD (T,S), CSD TS-mix (α=0.15).
+and student-weighted reverse KL fragile. Here every loss trains from bench/quality.py's shared
+warm-up checkpoint (the demo's stage 1) on student samples drawn with weights exactly k versions
+old at most: the sampler receives new weights every k + 1 steps (`run.weight_sync_every`, sync
+mode, so the staleness pattern is deterministic, 0, 1, …, k, 0, …, and identical for every loss).
+k = 0 is bench/quality.py's own comparison run (same folder, reused when it exists), so only the
+stale runs cost time here. Losses: RKL, FKL, CSD (S,S), CSD (T,S), CSD TS-mix (α=0.15).
 
 Reported per loss and k: mean ± 95% CI over seeds, at the last step, of held-out coverage
 (student NLL of the teacher's greedy answers), fidelity (teacher NLL of student samples) and
 teacher agreement; and the verdict per loss: the change from k=0 to the largest k, called
 robust when it is within the two intervals (not separated), degraded otherwise.
 
-    python bench/claim_staleness.py                 # 5 losses x k in {0,1,2} x 2 seeds, 12 steps
-    python bench/claim_staleness.py --quick         # smoke check: RKL and CSD (T,S), k in {0,2}, 1 seed, 2 steps
+    python bench/claim_staleness.py                 # 5 losses x k in {0,2} x 3 seeds, quality.py's settings
+    python bench/claim_staleness.py --staleness 0,1,2   # also k = 1 (15 more runs)
+    python bench/claim_staleness.py --quick         # smoke check: RKL and CSD (T,S), k in {0,2}, 1 seed, 3 steps
 
 Finished runs in --out are reused. Writes OUT/staleness.md and OUT/staleness.json.
 """
@@ -30,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import ray  # noqa: E402
 
-from quality import LABELS, LOSSES, common_overrides, mean_ci, parse_losses, run, warm_up  # noqa: E402  (same folder)
+from quality import (LABELS, WARMUP_LR, WARMUP_SOURCE, common_overrides, compared_run,  # noqa: E402  (same folder)
+                     mean_ci, parse_losses, warm_up)
 
 from csd_ray.metrics import read_metrics  # noqa: E402
 
@@ -45,46 +48,46 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--losses", default=",".join(COMPARED))
-    p.add_argument("--staleness", default="0,1,2", help="largest staleness k per run (weights synced every k+1 steps)")
-    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--staleness", default="0,2", help="largest staleness k per run (weights synced every k+1 steps)")
+    p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--steps", type=int, default=12)
-    p.add_argument("--eval-size", type=int, default=32)
+    p.add_argument("--eval-every", type=int, default=6, help="a multiple of every k+1, so evaluation falls on a sync")
+    p.add_argument("--eval-size", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--warmup-steps", type=int, default=15)
-    p.add_argument("--out", default="runs/staleness")
+    p.add_argument("--eval-new-tokens", type=int, default=64)
+    p.add_argument("--warmup-steps", type=int, default=30)
+    p.add_argument("--out", default="runs/quality", help="bench/quality.py's folder: its runs are the k = 0 runs")
     args = p.parse_args()
     if args.quick:
         args.losses, args.staleness, args.seeds, args.steps, args.eval_size = "rkl,csd_ts", "0,2", 1, 3, 8
-        args.new_tokens, args.warmup_steps = 16, 2
-        args.out = args.out if args.out != "runs/staleness" else "runs/staleness_quick"
+        args.new_tokens, args.eval_new_tokens, args.warmup_steps, args.eval_every = 16, 16, 2, 3
+        args.out = args.out if args.out != "runs/quality" else "runs/staleness_quick"
     losses = parse_losses(args.losses)
     ks = [int(k) for k in args.staleness.split(",")]
+    bad = [k for k in ks if k < 0 or args.eval_every % (k + 1)]
+    if bad:
+        sys.exit(f"error: --staleness: k={bad[0]} needs k >= 0 and --eval-every ({args.eval_every}) a multiple of k+1")
     seeds = list(range(args.seeds))
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     cache = out / "teacher_greedy.pt"
-    common = common_overrides(args.eval_size, args.new_tokens)
+    common = common_overrides(args.eval_size, args.new_tokens, args.eval_new_tokens)
     ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     t0 = time.perf_counter()
-    warm_dir = out / "warmup"
-    warm_up(warm_dir, common, cache, args.warmup_steps, "{kind: teacher, greedy: true, cache: 128}", 3.0e-4)
+    warm_up(out / "warmup", common, cache, args.warmup_steps, WARMUP_SOURCE, WARMUP_LR)
     results: dict = {}
     for name in losses:
-        loss, sources, mode = LOSSES[name]
-        stage = json.dumps([{"name": name, "steps": args.steps, "sources": sources, "source_mode": mode, "loss": loss}])
         for k in ks:
             for seed in seeds:
-                run_dir = out / "runs" / name / f"k{k}" / f"seed{seed}"
-                wall = run([*common, f"run.seed={seed}", f"student_model.path={warm_dir / 'final'}", "student_model.num_layers=0",
-                            f"run.weight_sync_every={k + 1}", f"run.eval_every={args.steps}", f"stages={stage}"],
-                           run_dir, cache, args.steps, skip_first_eval=True)
+                extra = (f"run.weight_sync_every={k + 1}",) if k else ()
+                run_dir, wall = compared_run(out, common, cache, name, seed, args.steps, args.eval_every, extra, f"k{k}" if k else "")
                 train = read_metrics(run_dir / "metrics.jsonl")
                 last = read_metrics(run_dir / "metrics.jsonl", kind="eval")[-1]
                 slot = results.setdefault(name, {}).setdefault(k, {m: [] for m in METRICS} | {"staleness": []})
                 for m in METRICS:
                     slot[m].append(float(last[f"eval/{m}"]))
-                slot["staleness"] += [r["staleness"] for r in train]
-                print(f"{name} k={k} seed {seed}: {wall:.0f} s, staleness seen {sorted(set(r['staleness'] for r in train))}",
+                slot["staleness"] += [r.get("staleness", 0) for r in train]
+                print(f"{name} k={k} seed {seed}: {wall:.0f} s, staleness seen {sorted(set(slot['staleness'][-len(train):]))}",
                       flush=True)
     ray.shutdown()
     lines = ["| loss | k | " + " | ".join(f"{t} {'↑' if up else '↓'}" for t, up in METRICS.values()) + " | mean staleness |",
@@ -104,7 +107,8 @@ def main() -> None:
                        "degraded" if worse and separated else "improved" if separated else "robust")
             parts.append(f"{title.split(':')[0]} {a:.3f} → {b:.3f} ({verdict})")
         verdicts.append(f"- {LABELS[name]}, k {min(per_k)} → {max(per_k)}: " + "; ".join(parts))
-    text = "\n".join(lines + ["", f"Mean ± 95% CI over {len(seeds)} seed(s), {args.steps} steps, {args.eval_size} held-out prompts.",
+    text = "\n".join(lines + ["", f"Mean ± 95% CI over {len(seeds)} seed(s), {args.steps} steps, {args.eval_size} held-out prompts; "
+                              "k = 0 runs are bench/quality.py's.",
                               "", "Verdicts (robust = the change is within the two intervals; degraded / improved = separated):", "", *verdicts])
     (out / "staleness.md").write_text(text + "\n")
     (out / "staleness.json").write_text(json.dumps({"args": vars(args), "results": {n: {str(k): v for k, v in r.items()}

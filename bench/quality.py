@@ -1,11 +1,12 @@
 """Losses compared at equal budget, with seeds and confidence intervals (issue 12).
 
-One shared warm-up first: the demo's pruned student (8 of SmolLM2-135M-Instruct's 30 layers)
-trained off-policy on teacher samples with forward KL, saved once. Every compared run then
-starts from that checkpoint and differs only in the compared stage's loss (and, for GKD, its
+One shared warm-up first: the demo's stage 1 (recipes/local.yaml: its 15-layer student,
+SeqKD with forward KL on the teacher's cached greedy answers), saved once. Every compared run
+then starts from that checkpoint and differs only in the compared stage's loss (and, for GKD, its
 λ-mixed sources), for the same number of steps, batch, response length and learning rate, on
-the same held-out prompts (``data.split_seed`` fixed), once per seed. Reported per loss: mean ±
-95% CI (Student t over seeds) of
+the same held-out prompts (``data.split_seed`` fixed), once per seed. Evaluation generates up to
+64 tokens (the teacher's answers run to ~50; shorter would cut its final answer off). Reported
+per loss: mean ± 95% CI (Student t over seeds) of
 
   teacher NLL of student samples (fidelity), student NLL of the teacher's greedy answers
   (coverage), teacher agreement and accuracy (student and teacher greedy final answers),
@@ -140,10 +141,10 @@ def parse_losses(text: str) -> list[str]:
     return losses
 
 
-def common_overrides(eval_size: int, new_tokens: int) -> list[str]:
-    """Overrides every run of a comparison shares: the held-out prompts and the response length."""
+def common_overrides(eval_size: int, new_tokens: int, eval_new_tokens: int) -> list[str]:
+    """Overrides every run of a comparison shares: the held-out prompts and the response lengths."""
     return [f"data.eval_size={eval_size}", "data.split_seed=0", f"batch.max_new_tokens={new_tokens}",
-            f"run.eval_max_new_tokens={new_tokens}"]
+            f"run.eval_max_new_tokens={eval_new_tokens}"]
 
 
 def warm_up(warm_dir: Path, common: list[str], cache: Path, steps: int, source: str, lr: float) -> tuple[float, dict]:
@@ -153,6 +154,25 @@ def warm_up(warm_dir: Path, common: list[str], cache: Path, steps: int, source: 
     seconds = run([*common, "run.seed=0", stage], warm_dir, cache, steps, skip_first_eval=False)
     print(f"warm-up: {steps} steps in {seconds:.0f} s", flush=True)
     return seconds, read_metrics(warm_dir / "metrics.jsonl", kind="eval")[-1]
+
+
+#: The demo's stage 1 (recipes/local.yaml), the warm-up every comparison shares.
+WARMUP_SOURCE, WARMUP_LR = "{kind: teacher, greedy: true, cache: 256}", 3.0e-4
+
+
+def compared_run(out: Path, common: list[str], cache: Path, name: str, seed: int, steps: int, eval_every: int,
+                 extra: tuple[str, ...] = (), tag: str = "") -> tuple[Path, float]:
+    """One compared stage of loss ``name`` from the shared warm-up in ``out/warmup``: (run folder, wall seconds).
+
+    ``extra`` overrides make a variant (e.g. stale weights) kept under ``runs/NAME/TAG/seedS``;
+    without them the run is the plain comparison, which the claim benches reuse."""
+    loss, sources, mode = LOSSES[name]
+    stage = json.dumps([{"name": name, "steps": steps, "sources": sources, "source_mode": mode, "loss": loss}])
+    run_dir = out / "runs" / name / tag / f"seed{seed}" if tag else out / "runs" / name / f"seed{seed}"
+    wall = run([*common, f"run.seed={seed}", f"student_model.path={out / 'warmup' / 'final'}",
+                "student_model.num_layers=0", f"run.eval_every={eval_every}", f"stages={stage}", *extra],
+               run_dir, cache, steps, skip_first_eval=True)
+    return run_dir, wall
 
 
 def collect(out: Path, losses: list[str], seeds: list[int], warm: dict) -> dict:
@@ -249,36 +269,33 @@ def main() -> None:
     parser.add_argument("--losses", default=",".join(LOSSES), help=f"comma-separated from {', '.join(LOSSES)}")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per loss (>= 3 for the default set)")
     parser.add_argument("--eval-size", type=int, default=64, help="held-out prompts")
-    parser.add_argument("--warmup-steps", type=int, default=15, help="shared off-policy FKL warm-up steps")
+    parser.add_argument("--warmup-steps", type=int, default=30, help="shared SeqKD warm-up steps (the demo's stage 1)")
     parser.add_argument("--steps", type=int, default=12, help="steps of the compared stage")
     parser.add_argument("--eval-every", type=int, default=6, help="evaluation cadence in the compared stage")
-    parser.add_argument("--new-tokens", type=int, default=32, help="response length (training and evaluation)")
+    parser.add_argument("--new-tokens", type=int, default=32, help="response length in training")
+    parser.add_argument("--eval-new-tokens", type=int, default=64, help="response length in evaluation")
     parser.add_argument("--out", default="runs/quality", help="output folder (finished runs in it are reused)")
     args = parser.parse_args()
     if args.quick:
         args.losses, args.seeds, args.eval_size = "rkl,csd_ts", 2, 8
-        args.warmup_steps, args.steps, args.eval_every, args.new_tokens = 2, 2, 1, 16
+        args.warmup_steps, args.steps, args.eval_every, args.new_tokens, args.eval_new_tokens = 2, 2, 1, 16, 16
         args.out = args.out if args.out != "runs/quality" else "runs/quality_quick"
     losses = parse_losses(args.losses)
     seeds = list(range(args.seeds))
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     cache = out / "teacher_greedy.pt"
-    common = common_overrides(args.eval_size, args.new_tokens)
+    common = common_overrides(args.eval_size, args.new_tokens, args.eval_new_tokens)
 
     ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     t_start = time.perf_counter()
     warm_dir = out / "warmup"
-    t_warm, warm = warm_up(warm_dir, common, cache, args.warmup_steps, "{kind: teacher}", 2.0e-4)
+    t_warm, warm = warm_up(warm_dir, common, cache, args.warmup_steps, WARMUP_SOURCE, WARMUP_LR)
 
     walls = []
     for name in losses:
-        loss, sources, mode = LOSSES[name]
-        stage = json.dumps([{"name": name, "steps": args.steps, "sources": sources, "source_mode": mode, "loss": loss}])
         for seed in seeds:
-            wall = run([*common, f"run.seed={seed}", f"student_model.path={warm_dir / 'final'}",
-                        "student_model.num_layers=0", f"run.eval_every={args.eval_every}", f"stages={stage}"],
-                       out / "runs" / name / f"seed{seed}", cache, args.steps, skip_first_eval=True)
+            _, wall = compared_run(out, common, cache, name, seed, args.steps, args.eval_every)
             walls.append(wall)
             print(f"{name} seed {seed}: {wall:.0f} s", flush=True)
     ray.shutdown()
