@@ -196,7 +196,7 @@ class Controller:
     def run(self) -> Path:
         self.start()
         try:
-            if self.resumed_from is None:
+            if self.resumed_from is None or self._adaptive_evaluation_due():
                 self.evaluate()
             self.train()
             return self.finish()
@@ -414,6 +414,14 @@ class Controller:
                   for k, src in enumerate(sources)]
         return PlannedStep(index, groups, max_new, stream_before=stream_before,
                            student_probability=schedule.probability if schedule else None)
+
+    def _adaptive_evaluation_due(self) -> bool:
+        """Whether a resumed run must redo the evaluation at its checkpoint's step: an adaptive
+        schedule reads it, and the original run made it just after writing the checkpoint (or,
+        stopped by a signal, never made it, where an uninterrupted run would have)."""
+        run = self.recipe.run
+        return bool(0 < self.step < run.steps and run.eval_every and self.step % run.eval_every == 0
+                    and self.recipe.stage_at(self.step - 1).adaptive is not None)
 
     def _schedule(self, index: int) -> Optional[AdaptiveSchedule]:
         """The adaptive schedule of step ``index``'s stage, if it has one; made when the stage's

@@ -121,6 +121,10 @@ def test_adaptive_schedule_draws_student_samples_as_the_held_out_loss_dictates(r
               f" {{name: flat, steps: 2, sources: {mixed}, adaptive: {{increment: 0.5, tolerance: 1000}}}}]")
     recipe = smoke_recipe(tmp_path, "run.steps=0", "run.eval_every=1", "data.eval_size=2", "run.eval_max_new_tokens=4",
                           "batch.prompts_per_step=2", f"stages={stages}", evaluate=True)
+    # Stopped (the SIGINT path) after step 2, before that step's evaluation, then resumed: the
+    # resumed run must make that evaluation and draw step 3 with the φ it yields.
+    with pytest.raises(RunStopped):
+        Recording(recipe, log=lambda m: None, stop_after=2).run()
     Controller(recipe, log=lambda m: None).run()
     train = read_metrics(tmp_path / "metrics.jsonl")
     evals = read_metrics(tmp_path / "metrics.jsonl", kind="eval")
