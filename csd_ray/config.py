@@ -284,6 +284,28 @@ class BatchConfig:
 
 
 @dataclass
+class AdaptiveSourceConfig:
+    """DistiLLM's adaptive off-policy schedule (Ko et al., ICML 2024, Sec. 3.2; csd_ray/adaptive.py).
+
+    φ, the chance a step draws the stage's student source, starts at that source's
+    ``probability`` and rises by ``increment`` (up to ``maximum``) at each held-out evaluation
+    whose ``metric`` is worse than the reference by at least ``tolerance``; the other sources
+    share 1 − φ in proportion to their probabilities. Needs run.eval_every > 0."""
+
+    increment: float = 0.1
+    """Rise of φ per triggering evaluation (DistiLLM: 0.1)."""
+    maximum: float = 1.0
+    """Cap of φ."""
+    tolerance: float = 0.0
+    """φ rises when metric >= reference + tolerance (nats per token); a negative tolerance makes it
+    rise unless the metric improved by more than that margin."""
+    metric: Literal["student_nll_on_teacher", "teacher_nll"] = "student_nll_on_teacher"
+    """Held-out loss that triggers a rise: the student's NLL of the teacher's greedy answers
+    (closest to DistiLLM's validation loss on reference responses) or the teacher's NLL of
+    student samples."""
+
+
+@dataclass
 class StageConfig:
     """One phase of a staged recipe; fields left unset inherit the recipe's."""
 
@@ -301,6 +323,8 @@ class StageConfig:
     """Peak learning rate of this stage; 0 = trainer.lr."""
     max_new_tokens: int = 0
     """Response length cap of this stage; 0 = batch.max_new_tokens."""
+    adaptive: Optional[AdaptiveSourceConfig] = None
+    """DistiLLM's adaptive schedule of the student source's probability; null = fixed probabilities."""
 
 
 @dataclass
@@ -450,7 +474,17 @@ class Recipe:
             name=stage.name or "main", steps=stage.steps, sources=stage.sources or self.batch.sources,
             source_mode=stage.source_mode or self.batch.source_mode, loss=stage.loss or self.trainer.loss,
             lr=stage.lr or self.trainer.lr, max_new_tokens=stage.max_new_tokens or self.batch.max_new_tokens,
+            adaptive=stage.adaptive,
         )
+
+    def stage_index(self, step: int) -> int:
+        """Index in ``stages`` of the stage a step belongs to (0 without stages)."""
+        start = 0
+        for i, stage in enumerate(self.stages):
+            start += stage.steps
+            if step < start:
+                return i
+        return max(0, len(self.stages) - 1)
 
     def _validate_loss(self, loss: LossConfig, key: str, located: Located) -> None:
         from csd_ray.losses import LossConfigError, get_loss
@@ -486,6 +520,22 @@ class Recipe:
             total = sum(s.probability for s in sources)
             if abs(total - 1.0) > 1e-6:
                 raise located.error(key, f"with source_mode 'sample' the probabilities must sum to 1, got {total:g}")
+
+    def _validate_adaptive(self, stage: "StageConfig", key: str, located: Located) -> None:
+        a = stage.adaptive
+        students = [s for s in stage.sources if s.kind == "student"]
+        if stage.source_mode != "sample" or len(students) != 1 or len(stage.sources) < 2:
+            raise located.error(f"{key}.adaptive", "needs source_mode 'sample' with one 'student' source and at least one "
+                                f"other source, got {[s.kind for s in stage.sources]} in mode '{stage.source_mode}'")
+        if not (0 < a.increment <= 1 and 0 <= a.maximum <= 1 and math.isfinite(a.tolerance)):
+            raise located.error(f"{key}.adaptive", f"increment must be in (0, 1], maximum in [0, 1] and tolerance finite, "
+                                f"got {a.increment}, {a.maximum}, {a.tolerance}")
+        if students[0].probability > a.maximum:
+            raise located.error(f"{key}.sources", f"the student source's probability (the initial φ, {students[0].probability}) "
+                                f"exceeds adaptive.maximum = {a.maximum}")
+        if not self.run.eval_every or not self.data.eval_size:
+            raise located.error(f"{key}.adaptive", "is driven by held-out evaluations: set run.eval_every > 0 and "
+                                f"data.eval_size > 0 (got {self.run.eval_every} and {self.data.eval_size})")
 
     def validate(self, located: Located) -> None:
         run, batch = self.run, self.batch
@@ -575,6 +625,9 @@ class Recipe:
         for i, stage in enumerate(self.stages):
             if stage.sources:
                 self._validate_sources(stage.sources, stage.source_mode or batch.source_mode, f"stages[{i}].sources", located)
+        for i, stage in enumerate(self.stages):
+            if stage.adaptive is not None:
+                self._validate_adaptive(self.stage_at(sum(s.steps for s in self.stages[:i])), f"stages[{i}]", located)
         if batch.replay.capacity < 0 or not 0 <= batch.replay.probability <= 1:
             raise located.error("batch.replay", "capacity must be >= 0 and probability in [0, 1]")
         if batch.replay.probability > 0 and batch.replay.capacity == 0:

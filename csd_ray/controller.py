@@ -23,6 +23,7 @@ import ray
 import torch
 import yaml
 
+from csd_ray.adaptive import AdaptiveSchedule
 from csd_ray.config import Recipe, SourceConfig
 from csd_ray.data import PromptStream, load_prompts
 from csd_ray.devices import actor_env
@@ -79,6 +80,8 @@ class PlannedStep:
     replayed: bool = False
     stream_before: Optional[dict] = None
     """Prompt-stream position before this step drew its prompts (to redo lost work exactly)."""
+    student_probability: Optional[float] = None
+    """φ this step's source was drawn with, in a stage with an adaptive schedule."""
 
 
 class Controller:
@@ -94,6 +97,7 @@ class Controller:
         # Cached teacher responses (sources with `cache`): prompt index -> response token lists,
         # each used once; a resumed or restarted run regenerates what it needs.
         self.teacher_cache: dict[int, list[list[int]]] = {}
+        self.adaptive: dict[int, AdaptiveSchedule] = {}  # stage index -> its schedule (stages with `adaptive`)
         self.samplers: list = []
         self.teachers: list = []
         self.trainers: Optional[TrainerGroup] = None
@@ -192,7 +196,7 @@ class Controller:
     def run(self) -> Path:
         self.start()
         try:
-            if self.resumed_from is None:
+            if self.resumed_from is None or self._adaptive_evaluation_due():
                 self.evaluate()
             self.train()
             return self.finish()
@@ -207,6 +211,11 @@ class Controller:
             self._sync(block=True)
         t0 = time.perf_counter()
         metrics = self.evaluator.run(self.step)
+        # The evaluation judges the steps just trained: their stage's adaptive schedule takes it.
+        schedule = self._schedule(self.step - 1) if self.step > 0 else None
+        if schedule is not None and schedule.observe(metrics.get(schedule.config.metric)):
+            self.metrics.message(f"adaptive: held-out {schedule.config.metric} rose to {schedule.reference:.3f}; "
+                                 f"student samples now drawn with probability {schedule.probability:.2f}")
         self.eval_history.append({"step": self.step, **metrics})
         self.metrics.log({"kind": "eval", "step": self.step, **{f"eval/{k}": v for k, v in metrics.items()},
                           "eval/seconds": time.perf_counter() - t0})
@@ -307,6 +316,7 @@ class Controller:
         else:
             self.step, self.version = 0, 0
             self.stream.load_state({"epoch": 0, "cursor": 0})
+            self.adaptive.clear()
         self.metrics.log({"kind": "rollback", "step": self.step, "roles": ["trainer"], "cause": cause})
         self.metrics.message(f"trainer group rebuilt after: {cause}; continuing from step {self.step}")
 
@@ -357,6 +367,7 @@ class Controller:
             "lr": result["lr"], "tokens": result["tokens"], "sequences": result["sequences"],
             "mean_response_tokens": result["tokens"] / max(1, result["sequences"]),
             "sources": [g.source for g in planned.groups], "replayed": planned.replayed,
+            "student_probability": planned.student_probability,
             "max_new_tokens": planned.max_new_tokens, "weight_version": self.version,
             "rollout_version": result["rollout_version"], "staleness": staleness,
             "skipped_nonfinite": result["skipped_nonfinite"], "sampled_logprob_mean": result["sampled_logprob_mean"],
@@ -393,13 +404,37 @@ class Controller:
         if self.replay and rng.random() < r.batch.replay.probability:
             old = rng.choice(list(self.replay))
             return PlannedStep(index, old.groups, old.max_new_tokens, replayed=True, stream_before=stream_before)
+        schedule = self._schedule(index)
         if stage.source_mode == "all":
             sources = list(stage.sources)
         else:
-            sources = [rng.choices(stage.sources, weights=[s.probability for s in stage.sources])[0]]
+            weights = schedule.weights(stage.sources) if schedule else [s.probability for s in stage.sources]
+            sources = [rng.choices(stage.sources, weights=weights)[0]]
         groups = [self._launch_source(src, index, max_new, self.attempt * 1_000_000 + index * 16 + k)
                   for k, src in enumerate(sources)]
-        return PlannedStep(index, groups, max_new, stream_before=stream_before)
+        return PlannedStep(index, groups, max_new, stream_before=stream_before,
+                           student_probability=schedule.probability if schedule else None)
+
+    def _adaptive_evaluation_due(self) -> bool:
+        """Whether a resumed run must redo the evaluation at its checkpoint's step: an adaptive
+        schedule reads it, and the original run made it just after writing the checkpoint (or,
+        stopped by a signal, never made it, where an uninterrupted run would have)."""
+        run = self.recipe.run
+        return bool(0 < self.step < run.steps and run.eval_every and self.step % run.eval_every == 0
+                    and self.recipe.stage_at(self.step - 1).adaptive is not None)
+
+    def _schedule(self, index: int) -> Optional[AdaptiveSchedule]:
+        """The adaptive schedule of step ``index``'s stage, if it has one; made when the stage's
+        first step launches, with the last evaluation before it as the reference."""
+        stage = self.recipe.stage_at(index)
+        if stage.adaptive is None:
+            return None
+        key = self.recipe.stage_index(index)
+        if key not in self.adaptive:
+            initial = next(s.probability for s in stage.sources if s.kind == "student")
+            last = self.eval_history[-1].get(stage.adaptive.metric) if self.eval_history else None
+            self.adaptive[key] = AdaptiveSchedule(stage.adaptive, initial, last)
+        return self.adaptive[key]
 
     def _max_new_tokens(self, index: int, limit: int) -> int:
         cur = self.recipe.batch.curriculum
@@ -498,7 +533,8 @@ class Controller:
         # must draw them again, so the checkpoint keeps the stream where the first untrained step began.
         pending = getattr(self, "_pending", None)
         stream = pending[0].stream_before if pending else self.stream.state()
-        state = {"step": self.step, "version": self.version, "stream": stream}
+        state = {"step": self.step, "version": self.version, "stream": stream,
+                 "adaptive": {str(k): v.state() for k, v in self.adaptive.items()}}
         state["fingerprint"] = fingerprint(self.recipe)
         (tmp / "controller.json").write_text(json.dumps(state))
         if self.replay:  # a resumed run must replay the same rollouts with the same draws
@@ -543,6 +579,10 @@ class Controller:
         versions = self.trainers.call("load_checkpoint", str(path))
         self.step, self.version = state["step"], versions[0]
         self.stream.load_state(state["stream"])
+        self.adaptive.clear()
+        for key, saved in state.get("adaptive", {}).items():
+            self.adaptive[int(key)] = AdaptiveSchedule(self.recipe.stages[int(key)].adaptive, 0.0)
+            self.adaptive[int(key)].load_state(saved)
         self.replay.clear()
         if (path / "replay.pt").exists():
             self.replay.extend(_from_disk(p) for p in torch.load(path / "replay.pt", weights_only=False))

@@ -21,8 +21,10 @@ def _default(f: dataclasses.Field) -> str:
 
 def reference() -> str:
     lines: list[str] = []
+    documented: set[type] = set()
 
     def section(cls: type, prefix: str) -> None:
+        documented.add(cls)
         hints = typing.get_type_hints(cls)
         docs = field_docs(cls)
         nested = []
@@ -35,6 +37,9 @@ def reference() -> str:
                 continue
             if dataclasses.is_dataclass(inner):
                 nested.append((inner, f"{prefix}{f.name}[]"))
+            optional = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)] if typing.get_origin(tp) is typing.Union else []
+            if optional and optional[0] not in documented:  # an optional section (e.g. stages[].adaptive), once
+                nested.append((optional[0], f"{prefix}{f.name}"))
             type_name = _type_name(tp).replace("|", "\\|")
             rows.append(f"| `{prefix}{f.name}` | {type_name} | `{_default(f)}` | {docs.get(f.name, '')} |")
         if rows:

@@ -1,5 +1,8 @@
 """The loop's promises over several steps (issue 11, point 8), read from metrics.jsonl and the weights."""
 
+import json
+import math
+
 import pytest
 import ray
 import torch
@@ -108,3 +111,30 @@ def test_cached_greedy_teacher_responses_are_made_at_once_and_train_as_per_step_
     for a, b in zip(cached, per_step):
         assert response_tokens(a) == response_tokens(b)  # greedy: the same responses, made in one batch
         assert all(len(t) > 0 for t in response_tokens(a))
+
+
+def test_adaptive_schedule_draws_student_samples_as_the_held_out_loss_dictates(ray_session, tmp_path):
+    """DistiLLM's schedule through the real loop: φ follows the logged evaluations, sources follow φ,
+    and a later adaptive stage starts again from its own student probability."""
+    mixed = "[{kind: student, probability: 0.0}, {kind: dataset, probability: 1.0}]"
+    stages = (f"[{{name: rising, steps: 3, sources: {mixed}, adaptive: {{increment: 0.5, tolerance: -1000}}}},"
+              f" {{name: flat, steps: 2, sources: {mixed}, adaptive: {{increment: 0.5, tolerance: 1000}}}}]")
+    recipe = smoke_recipe(tmp_path, "run.steps=0", "run.eval_every=1", "data.eval_size=2", "run.eval_max_new_tokens=4",
+                          "batch.prompts_per_step=2", f"stages={stages}", evaluate=True)
+    # Stopped (the SIGINT path) after step 2, before that step's evaluation, then resumed: the
+    # resumed run must make that evaluation and draw step 3 with the φ it yields.
+    with pytest.raises(RunStopped):
+        Recording(recipe, log=lambda m: None, stop_after=2).run()
+    Controller(recipe, log=lambda m: None).run()
+    train = read_metrics(tmp_path / "metrics.jsonl")
+    evals = read_metrics(tmp_path / "metrics.jsonl", kind="eval")
+    assert [e["step"] for e in evals] == [0, 1, 2, 3, 4, 5]
+    assert all(math.isfinite(e["eval/student_nll_on_teacher"]) for e in evals)
+    # tolerance -1000: every evaluation inside the stage raises φ by 0.5 (capped at 1); the next
+    # stage starts from its own 0 and never rises (tolerance 1000).
+    assert [r["student_probability"] for r in train] == [0.0, 0.5, 1.0, 0.0, 0.0]
+    assert [r["sources"] for r in train][:1] + [r["sources"] for r in train][2:] == [["dataset"], ["student"], ["dataset"], ["dataset"]]
+    saved = json.loads((sorted((tmp_path / "checkpoints").glob("step_*"))[-1] / "controller.json").read_text())
+    assert saved["adaptive"]["0"]["probability"] == 1.0 and saved["adaptive"]["1"]["probability"] == 0.0
+    # the evaluation after the stage's last step (step 3) was its last trigger
+    assert saved["adaptive"]["0"]["reference"] == pytest.approx(evals[3]["eval/student_nll_on_teacher"])

@@ -41,6 +41,9 @@ def tiny_method(path: Path, output_dir: Path) -> Recipe:
     for stage in stages:
         stage["steps"] = 1 if len(stages) == 2 else 2
     data["stages"] = stages
+    if any("adaptive" in stage for stage in stages):  # driven by evaluations: a tiny one each step
+        for override in ("data.eval_size=2", "run.eval_every=1", "run.eval_max_new_tokens=4"):
+            apply_override(data, located, override)
     recipe = build(Recipe, data, located)
     recipe.validate(located)
     return recipe

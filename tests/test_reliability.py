@@ -78,6 +78,9 @@ BAD_INPUTS = [
      ["stages[0].sources[0].cache", "teacher responses only", "'student'"]),
     ("negative teacher cache", SMOKE, ["stages=[{{name: a, steps: 3, sources: [{{kind: teacher, cache: -1}}]}}]"],
      ["stages[0].sources[0].cache", "must be >= 0, got -1"]),
+    ("adaptive schedule without evaluations", SMOKE,
+     ["stages=[{{name: a, steps: 3, sources: [{{kind: student, probability: 0}}, {{kind: dataset, probability: 1}}], adaptive: {{}}}}]"],
+     ["stages[0].adaptive", "run.eval_every > 0"]),
     ("resume path not a checkpoint", SMOKE, ["run.resume={d}/not_a_checkpoint"], ["not a complete csd_ray checkpoint"]),
 ]
 
