@@ -323,3 +323,12 @@ def test_rollouts_move_to_the_rank_device_and_stay_put_on_cpu():
     assert _to(rollout, torch.device("cpu")) is rollout
     moved = _to(_batch(17)[0], torch.device("meta"))
     assert all(getattr(moved, n).device.type == "meta" for n in ("input_ids", "attention_mask", "response_mask"))
+
+
+def test_the_group_address_is_this_node_and_a_free_port(rank):
+    import socket
+
+    host, port = rank.address()
+    with socket.socket() as s:  # free: rank 0 binds it for the group's TCP store
+        s.bind((host, port))
+    assert host == socket.gethostbyname(host) and 1024 <= port < 65536
