@@ -290,7 +290,7 @@ def test_a_published_checkpoint_is_complete_and_restores_the_controller(tmp_path
     resumed = _controller(tmp_path, "run.steps=9")
     resumed.stream = _stream()
     resumed.replay.append(PlannedStep(0, [], 8))
-    resumed._restored(tmp_path / "checkpoints" / "step_000006", [5, 5])
+    resumed._restored(tmp_path / "checkpoints" / "step_000006", [5])  # one trainer rank
     assert (resumed.step, resumed.version, resumed.synced_version) == (6, 5, -1)  # the trainers' version counts
     assert resumed.stream.state() == {"epoch": 1, "cursor": 1} and not resumed.replay
     assert resumed.resumed_from == tmp_path / "checkpoints" / "step_000006"
@@ -315,3 +315,30 @@ def test_shutdown_closes_the_metrics_file(tmp_path):
     c = _booking(tmp_path)
     c.shutdown()
     assert c.metrics.file.closed
+
+
+def test_the_final_step_leaves_checkpoint_evaluation_and_a_signal_to_finish(tmp_path):
+    """Periodic checkpoints and evaluations skip the last step (finish() writes both), and a signal
+    during the last step does not stop the run early. Booking here has no trainers: a checkpoint or
+    an evaluation attempted would fail."""
+    c = _booking(tmp_path, "run.checkpoint_every=3", "run.eval_every=3")
+    c._trained(_planned(4), _result(version=5), 4, 0.0)  # step 5: not a multiple of 3
+    c.stop_requested = "SIGTERM"
+    c._trained(_planned(8), _result(version=9), 8, 0.0)  # step 9 = run.steps: finish() takes over
+    assert c.step == 9 and [r["step"] for r in _records(tmp_path)] == [5, 9]
+    c.metrics.close()
+
+
+def test_prepare_loads_data_and_tokenizers_once_before_any_actor(tmp_path):
+    seen = []
+    c = Controller(smoke_recipe(tmp_path, "data.eval_size=8", "data.max_prompt_tokens=44"), log=seen.append)
+    c.prepare()
+    assert c.resume is None and c.prepared and len(c.tokenizer) == 49152
+    assert len(c.prompts.train) + len(c.prompts.eval) + c.prompts.dropped_too_long == 200 and len(c.prompts.eval) == 8
+    assert c.prompts.dropped_too_long == 121  # the arithmetic prompts of 45 tokens (chat template included)
+    assert seen == [f"data: dropped {c.prompts.dropped_too_long} prompts longer than 44 tokens",
+                    f"data: {len(c.prompts.train)} training prompts, 8 held out"]
+    assert c.stream.state() == {"epoch": 0, "cursor": 0} and c.stream.examples is c.prompts.train
+    assert c.rules.end_of_response_id == c.tokenizer.eos_token_id
+    c.prepare()  # a second call (run() after a dry check) does nothing
+    assert len(seen) == 2

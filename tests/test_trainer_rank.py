@@ -8,6 +8,7 @@ starts from the same saved state with ``_fresh``, which reloads it through the r
 ``load_checkpoint`` (itself checked by ``test_a_checkpoint_restores_weights_optimizer_schedule_and_version``)."""
 
 import math
+import time
 
 import pytest
 import torch
@@ -41,8 +42,9 @@ def _batch(seed: int, source: str = "student", version: int = 0, pid: int = 0, s
 def rank(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("rank")
     # Linear schedule with a 4-step warm-up over 10 steps: every step of a test has its own lr.
-    recipe = smoke_recipe(tmp, "trainer.num_ranks=1", "trainer.lr=1e-3", "trainer.warmup_steps=4",
-                          "trainer.lr_schedule=linear", "run.steps=10", "trainer.weight_decay=0.01",
+    # lr, betas and weight decay differ from AdamW's defaults, so that losing one shows.
+    recipe = smoke_recipe(tmp, "trainer.num_ranks=1", "trainer.lr=2e-3", "trainer.warmup_steps=4",
+                          "trainer.lr_schedule=linear", "run.steps=10", "trainer.weight_decay=0.02",
                           "trainer.betas=[0.8, 0.95]")
     threads = torch.get_num_threads()
     r = TrainerRank(recipe, 0, 1)
@@ -85,13 +87,28 @@ def _reference_loss(r, rollout, teacher, name="csd", params=None, per_sequence=F
 
 
 def test_the_rank_is_built_from_the_recipe(rank):
-    r = _fresh(rank)
+    """First in the file on purpose: the module's rank is built while this test sets up, so
+    mutation testing credits the set-up code to this test alone; it checks what the set-up made."""
+    import os
+
+    r = rank  # as the fixture built it: one step trained, nothing reloaded yet
+    assert os.environ.get("GLOO_SOCKET_IFNAME") == "lo"  # a loopback group stays on loopback
+    assert torch.get_num_threads() == r.recipe.trainer.placement.torch_threads()
     group = r.optimizer.param_groups[0]
-    assert group["betas"] == (0.8, 0.95) and group["weight_decay"] == 0.01
+    assert group["betas"] == (0.8, 0.95) and group["weight_decay"] == 0.02 and r.scheduler.base_lrs == [2e-3]
+    factors = [r.scheduler.lr_lambdas[0](s) for s in range(11)]  # 4 warm-up steps, linear decay to step 10
+    assert factors == pytest.approx([0.25, 0.5, 0.75, 1, 1, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6, 0])
+    assert r.version == 1 and group["lr"] == pytest.approx(2e-3 * 0.5)
     assert r.teacher_lm_head[0].dtype == torch.float32 and r.teacher_lm_head[1].identity
-    assert r.device.type == "cpu" and r.module.packing
-    assert not r.module.model.is_gradient_checkpointing
+    assert r.device.type == "cpu" and r.module.model.training and not r.module.model.is_gradient_checkpointing
     assert r.module.model.config.num_hidden_layers == 1  # the smoke recipe's student
+    assert all(p.dtype == torch.float32 for p in r.module.parameters())  # fp32 master weights
+    # The recipe's loss (CSD, (student, student) weights), through the packed sdpa path:
+    assert r.module.model.config._attn_implementation == "sdpa_packed"
+    batch = _batch(20)
+    expected = _reference_loss(r, *batch)
+    assert r.train_on([batch])["loss"] == pytest.approx(expected, rel=1e-4)
+    assert _reference_loss(r, *batch, params={}) != pytest.approx(expected, rel=1e-2)  # CSD's defaults differ
 
 
 def test_a_step_follows_the_loss_gradient_and_reports_what_it_trained(rank):
@@ -101,19 +118,22 @@ def test_a_step_follows_the_loss_gradient_and_reports_what_it_trained(rank):
     ref_a, ref_b = _reference_loss(r, *a), _reference_loss(r, *b)
     tokens = (a[0].num_tokens(), b[0].num_tokens())
     before = _params(r)
-    result = r.train_on([a, b], t_fetch=0.5)
+    started = time.perf_counter()
+    result = r.train_on([a, b], t_fetch=1000.0)  # a fetch time far above the step's own: misplaced signs show
+    elapsed = time.perf_counter() - started
     # The step's loss is the token mean over both sources, each source's tokens weighted by its loss weight.
     expected = (ref_a * tokens[0] + 0.25 * ref_b * tokens[1]) / sum(tokens)
     assert result["loss"] == pytest.approx(expected, rel=1e-4)
     assert result["version"] == 2 and r.version == 2 and not result["skipped_nonfinite"]
     assert result["tokens"] == sum(tokens) == 28 and result["sequences"] == 6
-    assert result["lr"] == pytest.approx(1e-3 * 0.5)  # scheduler's second warm-up step
+    assert result["lr"] == pytest.approx(2e-3 * 0.5)  # scheduler's second warm-up step
     assert result["rollout_version"] == 3  # the oldest student rollout; teacher samples carry no version
     assert result["sampled_logprob_mean"] == pytest.approx(float(a[0].sampled_logprobs.sum()) / tokens[0])
     assert result["payload_bytes"] == a[1].nbytes() + b[1].nbytes() == 28 * HIDDEN * 4
     assert result["worker_pids"] == [700, 701]  # pid 0 (made in the controller) is no worker
-    assert (result["time_sample"], result["time_score"], result["time_fetch"]) == (2.0, 1.0, 0.5)
-    assert result["time_forward_backward"] >= 0 and result["time_optimizer"] >= 0
+    assert (result["time_sample"], result["time_score"], result["time_fetch"]) == (2.0, 1.0, 1000.0)
+    assert 0 <= result["time_forward_backward"] and 0 <= result["time_optimizer"]
+    assert result["time_forward_backward"] + result["time_optimizer"] <= elapsed  # parts of this call
     assert result["grad_norm"] > 0 and math.isfinite(result["grad_norm"])
     after = _params(r)
     assert (after - before).abs().max() > 1e-4
@@ -159,10 +179,10 @@ def test_a_stage_switches_the_loss_and_keeps_each_loss_built_once(rank):
 def test_learning_rate_follows_the_schedule_and_a_stage_lr_applies_at_once(rank):
     r = _fresh(rank)
     lrs = [r.train_on([_batch(6)])["lr"]]  # schedule step 1 of a 4-step warm-up
-    lrs.append(r.train_on([_batch(6)], lr=2e-3)["lr"])  # a new stage's lr, at its schedule factor
+    lrs.append(r.train_on([_batch(6)], lr=4e-3)["lr"])  # a new stage's lr, at its schedule factor
     lrs += [r.train_on([_batch(6)])["lr"] for _ in range(3)]
-    assert lrs == pytest.approx([1e-3 * 2 / 4, 2e-3 * 3 / 4, 2e-3, 2e-3, 2e-3 * (1 - 1 / 6)])
-    assert r.scheduler.base_lrs == [2e-3]
+    assert lrs == pytest.approx([2e-3 * 2 / 4, 4e-3 * 3 / 4, 4e-3, 4e-3, 4e-3 * (1 - 1 / 6)])
+    assert r.scheduler.base_lrs == [4e-3]
 
 
 @pytest.mark.parametrize("average", ["token", "sequence"])
@@ -198,7 +218,7 @@ def test_a_nonfinite_step_changes_no_weight_and_the_next_step_trains(rank):
     assert all(p.grad is None for p in r.module.parameters())
     nxt = r.train_on([_batch(7)])
     assert not nxt["skipped_nonfinite"] and nxt["version"] == 2 and math.isfinite(nxt["loss"])
-    assert nxt["lr"] == pytest.approx(1e-3 * 3 / 4)  # the schedule advanced over the skipped step
+    assert nxt["lr"] == pytest.approx(2e-3 * 3 / 4)  # the schedule advanced over the skipped step
     assert (_params(r) - before).abs().max() > 1e-4
 
 
