@@ -341,15 +341,26 @@ class Controller:
         return index <= self.step + run.max_staleness and self.synced_version >= newest_at_training - run.max_staleness
 
     def _step(self, planned: PlannedStep) -> None:
-        run = self.recipe.run
         t0 = time.perf_counter()
         version_before = self.version
         stage = self.recipe.stage_at(planned.index)
-        allowed = run.max_staleness if run.mode == "async" else run.weight_sync_every - 1
         results = self.trainers.call("train_step", [(g.rollouts, g.teacher, g.loss_weight) for g in planned.groups],
-                                     to_dict(stage.loss), stage.lr, None if planned.replayed else version_before - allowed)
-        result = results[0]
-        t_train = time.perf_counter() - t0
+                                     to_dict(stage.loss), stage.lr, self._oldest_allowed(planned))
+        self._trained(planned, results[0], version_before, time.perf_counter() - t0)
+
+    def _oldest_allowed(self, planned: PlannedStep) -> Optional[int]:
+        """The oldest weight version ``planned``'s student samples may come from (None: any, for a
+        replayed step): async mode allows ``max_staleness`` versions, sync mode the versions
+        between two weight syncs."""
+        run = self.recipe.run
+        allowed = run.max_staleness if run.mode == "async" else run.weight_sync_every - 1
+        return None if planned.replayed else self.version - allowed
+
+    def _trained(self, planned: PlannedStep, result: dict, version_before: int, t_train: float) -> None:
+        """Book a step the trainers finished: ``result`` is rank 0's train_step answer; the record goes
+        to metrics.jsonl; stops (non-finite streak, signal) and periodic checkpoints/evaluations follow."""
+        run = self.recipe.run
+        stage = self.recipe.stage_at(planned.index)
         self.version = result["version"]
         staleness = version_before - result["rollout_version"] if result["rollout_version"] is not None else 0
         if set(result["worker_pids"]) - self._known_pids():  # an actor restarted between tasks, losing nothing
@@ -529,6 +540,12 @@ class Controller:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         self.trainers.call("save_checkpoint", str(tmp))
+        return self._publish_checkpoint(tmp, final)
+
+    def _publish_checkpoint(self, tmp: Path, final: Path) -> Path:
+        """Add the controller's state to the trainers' checkpoint in ``tmp``, mark it complete and
+        move it to ``final`` (a reader never sees a half-written one); drop the oldest beyond
+        ``run.keep_checkpoints``."""
         # Steps launched ahead (async, off-policy overlap) drew their prompts already: a resumed run
         # must draw them again, so the checkpoint keeps the stream where the first untrained step began.
         pending = getattr(self, "_pending", None)
@@ -575,8 +592,12 @@ class Controller:
         return path
 
     def _restore(self, path: Path) -> None:
+        self._restored(path, self.trainers.call("load_checkpoint", str(path)))
+
+    def _restored(self, path: Path, versions: list[int]) -> None:
+        """Take the controller's side of checkpoint ``path`` after the trainers loaded theirs
+        (``versions``: each rank's restored weight version)."""
         state = json.loads((path / "controller.json").read_text())
-        versions = self.trainers.call("load_checkpoint", str(path))
         self.step, self.version = state["step"], versions[0]
         self.stream.load_state(state["stream"])
         self.adaptive.clear()

@@ -1,6 +1,7 @@
 """The controller's pure decisions (no Ray): what may launch when, curriculum, shards, resume checks."""
 
 import json
+import time
 
 import pytest
 
@@ -134,3 +135,210 @@ def test_a_fresh_controller_and_the_exact_resume_refusals(tmp_path):
     (old / "COMPLETE").write_text("ok\n")
     with pytest.raises(ConfigError, match="student: checkpoint None, recipe 'tiny'"):
         _controller(tmp_path / "old")._resume_point()
+
+
+# ---- a trained step's bookkeeping, checkpoints' controller side (no trainers needed) ----------
+
+def _planned(index, replayed=False):
+    from csd_ray.controller import Group, PlannedStep
+
+    groups = [Group("student", [], [], 1.0, 17), Group("teacher", [], [], 0.5, 18)]
+    return PlannedStep(index, groups, 12, replayed=replayed)
+
+
+def _result(version, skipped=False, loss=0.5):
+    """Rank 0's train_step answer (csd_ray.workers.trainer.TrainerRank.train_on)."""
+    return {"loss": loss, "grad_norm": 2.0, "lr": 1e-3, "tokens": 30, "sequences": 4, "skipped_nonfinite": skipped,
+            "version": version, "rollout_version": 2, "sampled_logprob_mean": -1.5, "payload_bytes": 1024,
+            "worker_pids": [11, 12], "time_sample": 0.5, "time_score": 0.25, "time_fetch": 0.1,
+            "time_forward_backward": 0.2, "time_optimizer": 0.05}
+
+
+def _booking(tmp_path, *overrides):
+    from csd_ray.metrics import MetricsLogger
+
+    c = _controller(tmp_path, "run.plot=false", "run.steps=9", *overrides)
+    c.metrics = MetricsLogger(c.recipe, tmp_path, c.recipe.run.steps)
+    c.actor_info = {"sampler": [{"pid": 11}], "teacher": [{"pid": 12}], "trainer": [{"pid": 13}]}
+    c._last_step_end = time.perf_counter()
+    return c
+
+
+def _records(tmp_path):
+    return [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_oldest_allowed_rollout_version_follows_the_mode(tmp_path):
+    c = _controller(tmp_path, "run.mode=async", "run.max_staleness=3")
+    c.version = 10
+    assert c._oldest_allowed(_planned(4)) == 7
+    assert c._oldest_allowed(_planned(4, replayed=True)) is None  # replayed rollouts are old on purpose
+    c = _controller(tmp_path, "run.weight_sync_every=3")
+    c.version = 10
+    assert c._oldest_allowed(_planned(4)) == 8  # sync mode: the versions between two syncs
+    c = _controller(tmp_path)
+    c.version = 10
+    assert c._oldest_allowed(_planned(4)) == 10
+
+
+def test_a_trained_step_is_recorded_in_metrics_jsonl(tmp_path):
+    c = _booking(tmp_path, "batch.replay.capacity=2")
+    c._sync_seconds = 0.75
+    c._trained(_planned(4), _result(version=5), version_before=4, t_train=0.125)
+    assert (c.step, c.version, c._sync_seconds, c.nonfinite_in_a_row) == (5, 5, 0.0, 0)
+    assert len(c.replay) == 1 and c.replay[0].index == 4
+    c._trained(_planned(5, replayed=True), _result(version=6), version_before=5, t_train=0.125)
+    assert len(c.replay) == 1  # a replayed step is not stored again
+    c.metrics.close()
+    record = _records(tmp_path)[0]
+    step_time = record.pop("step_time")
+    assert step_time > 0 and record.pop("tokens_per_s") == pytest.approx(30 / step_time)
+    assert record == {
+        "kind": "train", "step": 5, "stage": c.recipe.stage_at(4).name, "loss_name": "csd", "loss": 0.5,
+        "grad_norm": 2.0, "lr": 1e-3, "tokens": 30, "sequences": 4, "mean_response_tokens": 7.5,
+        "sources": ["student", "teacher"], "replayed": False, "max_new_tokens": 12, "weight_version": 5,
+        "rollout_version": 2, "staleness": 2, "skipped_nonfinite": False, "sampled_logprob_mean": -1.5,
+        "payload_bytes": 1024, "rollout_ids": [17, 18], "time_sample": 0.5, "time_score": 0.25, "time_train": 0.125,
+        "time_trainer_forward_backward": 0.2, "time_sync": 0.75}
+    assert _records(tmp_path)[1]["replayed"] is True and _records(tmp_path)[1]["time_sync"] == 0.0
+
+
+def test_a_step_without_student_samples_has_no_staleness_and_no_replay_by_default(tmp_path):
+    c = _booking(tmp_path)
+    result = dict(_result(version=1), rollout_version=None, sequences=0)
+    c._trained(_planned(0), result, version_before=0, t_train=0.0)
+    c.metrics.close()
+    record = _records(tmp_path)[0]
+    assert record["staleness"] == 0 and record["rollout_version"] is None and record["mean_response_tokens"] == 30
+    assert not c.replay
+
+
+def test_a_streak_of_nonfinite_steps_stops_the_run_with_exit_3(tmp_path):
+    from csd_ray.controller import RunStopped
+
+    c = _booking(tmp_path, "run.max_nonfinite_steps=2")
+    c._trained(_planned(0), _result(version=0, skipped=True), 0, 0.0)
+    c._trained(_planned(1), _result(version=1), 0, 0.0)  # a good step ends the streak
+    c._trained(_planned(2), _result(version=1, skipped=True), 1, 0.0)
+    assert c.nonfinite_in_a_row == 1
+    with pytest.raises(RunStopped) as err:
+        c._trained(_planned(3), _result(version=1, skipped=True, loss=float("nan")), 1, 0.0)
+    assert err.value.exit_code == 3 and str(err.value) == (
+        "stopped: 2 steps in a row had a non-finite loss or gradient (each was skipped; last loss nan, grad norm "
+        "2.0). Lower trainer.lr, check the data, or raise run.max_nonfinite_steps")
+    c.metrics.close()
+
+
+def test_actor_failures_are_counted_per_role_up_to_max_actor_restarts(tmp_path):
+    from csd_ray.controller import RunStopped
+
+    c = _controller(tmp_path, "run.max_actor_restarts=1")
+    c.actor_info = {"sampler": [{"pid": 11}, {"pid": 14}], "teacher": [{"pid": 12}], "trainer": [{"pid": 13}]}
+    assert c._known_pids() == {11, 12, 14}  # trainer ranks report their own pids, not as workers
+    c._count_failures({"sampler": "x"}, "boom")
+    c._count_failures({"teacher": "x"}, "boom")
+    assert c.failures == {"sampler": 1, "teacher": 1, "trainer": 0}
+    with pytest.raises(RunStopped) as err:
+        c._count_failures({"teacher": "x", "trainer": "y"}, "died")
+    assert err.value.exit_code == 4
+    assert str(err.value) == "the teacher failed 2 times (run.max_actor_restarts=1); last error: died"
+    c._write_actor_info()
+    assert json.loads((tmp_path / "actors.json").read_text()) == c.actor_info
+
+
+def _stream():
+    from csd_ray.data import PromptStream
+
+    return PromptStream(list(range(10)), seed=3)
+
+
+def _trainer_side(root, step):
+    """What the trainers wrote into a checkpoint's temporary folder (any files)."""
+    tmp = root / "checkpoints" / f".tmp-step_{step:06d}"
+    tmp.mkdir(parents=True)
+    (tmp / "shard").write_text(str(step))
+    return tmp, root / "checkpoints" / f"step_{step:06d}"
+
+
+def test_a_published_checkpoint_is_complete_and_restores_the_controller(tmp_path):
+    from collections import deque
+
+    from csd_ray.controller import PlannedStep
+
+    c = _controller(tmp_path, "run.keep_checkpoints=2", "run.steps=9")
+    c.stream = _stream()
+    c.stream.next_batch(13)  # into the second epoch
+    c.step, c.version = 4, 3
+    final = c._publish_checkpoint(*_trainer_side(tmp_path, 4))
+    assert final == tmp_path / "checkpoints" / "step_000004"
+    assert sorted(p.name for p in final.iterdir()) == ["COMPLETE", "controller.json", "shard"]
+    assert json.loads((final / "controller.json").read_text()) == {
+        "step": 4, "version": 3, "stream": {"epoch": 1, "cursor": 3}, "fingerprint": fingerprint(c.recipe)}
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+    # Steps launched ahead drew prompts already: the checkpoint keeps where the first untrained one began.
+    c.step, c.version = 6, 6
+    c._pending = deque([PlannedStep(6, [], 8, stream_before={"epoch": 1, "cursor": 1})])
+    c._publish_checkpoint(*_trainer_side(tmp_path, 6))
+    c._pending = deque()
+    c.step = 8
+    c._publish_checkpoint(*_trainer_side(tmp_path, 8))
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_000006", "step_000008"]  # keep 2
+    c.stream.next_batch(1)
+    again = c._publish_checkpoint(*_trainer_side(tmp_path, 8))  # the same step again replaces it
+    assert json.loads((again / "controller.json").read_text())["stream"] == {"epoch": 1, "cursor": 4}
+
+    resumed = _controller(tmp_path, "run.steps=9")
+    resumed.stream = _stream()
+    resumed.replay.append(PlannedStep(0, [], 8))
+    resumed._restored(tmp_path / "checkpoints" / "step_000006", [5])  # one trainer rank
+    assert (resumed.step, resumed.version, resumed.synced_version) == (6, 5, -1)  # the trainers' version counts
+    assert resumed.stream.state() == {"epoch": 1, "cursor": 1} and not resumed.replay
+    assert resumed.resumed_from == tmp_path / "checkpoints" / "step_000006"
+    fresh = _stream()
+    fresh.load_state({"epoch": 1, "cursor": 1})
+    assert resumed.stream.next_batch(3) == fresh.next_batch(3)
+
+
+def test_sampler_and_teacher_classes_follow_the_backend(tmp_path):
+    from csd_ray.controller import _sampler_class, _teacher_class
+    from csd_ray.workers.sampler import HFSampler
+    from csd_ray.workers.teacher import HFTeacher
+    from csd_ray.workers.vllm_backend import VLLMSampler, VLLMTeacher
+
+    hf = smoke_recipe(tmp_path)
+    assert (_sampler_class(hf), _teacher_class(hf)) == (HFSampler, HFTeacher)
+    vllm = smoke_recipe(tmp_path, "sampler.backend=vllm", "teacher.backend=vllm", "teacher.payload=topk")
+    assert (_sampler_class(vllm), _teacher_class(vllm)) == (VLLMSampler, VLLMTeacher)
+
+
+def test_shutdown_closes_the_metrics_file(tmp_path):
+    c = _booking(tmp_path)
+    c.shutdown()
+    assert c.metrics.file.closed
+
+
+def test_the_final_step_leaves_checkpoint_evaluation_and_a_signal_to_finish(tmp_path):
+    """Periodic checkpoints and evaluations skip the last step (finish() writes both), and a signal
+    during the last step does not stop the run early. Booking here has no trainers: a checkpoint or
+    an evaluation attempted would fail."""
+    c = _booking(tmp_path, "run.checkpoint_every=3", "run.eval_every=3")
+    c._trained(_planned(4), _result(version=5), 4, 0.0)  # step 5: not a multiple of 3
+    c.stop_requested = "SIGTERM"
+    c._trained(_planned(8), _result(version=9), 8, 0.0)  # step 9 = run.steps: finish() takes over
+    assert c.step == 9 and [r["step"] for r in _records(tmp_path)] == [5, 9]
+    c.metrics.close()
+
+
+def test_prepare_loads_data_and_tokenizers_once_before_any_actor(tmp_path):
+    seen = []
+    c = Controller(smoke_recipe(tmp_path, "data.eval_size=8", "data.max_prompt_tokens=44"), log=seen.append)
+    c.prepare()
+    assert c.resume is None and c.prepared and len(c.tokenizer) == 49152
+    assert len(c.prompts.train) + len(c.prompts.eval) + c.prompts.dropped_too_long == 200 and len(c.prompts.eval) == 8
+    assert c.prompts.dropped_too_long == 121  # the arithmetic prompts of 45 tokens (chat template included)
+    assert seen == [f"data: dropped {c.prompts.dropped_too_long} prompts longer than 44 tokens",
+                    f"data: {len(c.prompts.train)} training prompts, 8 held out"]
+    assert c.stream.state() == {"epoch": 0, "cursor": 0} and c.stream.examples is c.prompts.train
+    assert c.rules.end_of_response_id == c.tokenizer.eos_token_id
+    c.prepare()  # a second call (run() after a dry check) does nothing
+    assert len(seen) == 2

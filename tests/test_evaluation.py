@@ -175,3 +175,25 @@ def test_sample_stats_count_every_stop_id_of_the_generation_contract():
     samples = [[5, 6, 0], [5, 6, 9], [7, 8]]  # 0: tokenizer eos, 9: an end-of-turn id from the generation config
     stats = sample_stats(samples, (0, 9))
     assert stats["eos_rate"] == pytest.approx(2 / 3) and stats["distinct2"] == pytest.approx(2 / 3)
+
+
+def test_evaluator_writes_the_first_samples_of_a_step_and_formats_its_metrics(tmp_path):
+    """The samples file of an evaluation (without actors: only the writing and formatting)."""
+    import json
+    from types import SimpleNamespace
+
+    from csd_ray.data import EncodedExample
+    from csd_ray.evaluation import Evaluator, format_eval
+
+    examples = [EncodedExample(i, [1, 2, i + 3], None, str(i), f"prompt {i}") for i in range(3)]
+    tokenizer = SimpleNamespace(eos_token_id=7)  # only its end-of-sequence id is read here
+    evaluator = Evaluator(examples, None, None, tokenizer, tmp_path, max_new_tokens=8, seed=1, samples_to_write=2)
+    assert evaluator.prompts == [[1, 2, 3], [1, 2, 4], [1, 2, 5]] and evaluator.indices == [0, 1, 2]
+    assert evaluator.stop_ids == (7,) and evaluator.last_side_by_side == []
+    assert Evaluator(examples, None, None, tokenizer, tmp_path, 8, 1, stop_ids=[4, 5]).stop_ids == (4, 5)
+    evaluator._write_samples(12, ["s0", "s1", "s2"], ["g0", "g1", "g2"], ["t0", "t1", "t2"])
+    lines = (tmp_path / "samples" / "step_000012.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == [
+        {"prompt": f"prompt {i}", "answer": str(i), "student_sample": f"s{i}", "student_greedy": f"g{i}",
+         "teacher_greedy": f"t{i}"} for i in range(2)]
+    assert format_eval({"rouge_l": 0.25, "teacher_nll": 1.23456, "unknown": 9.0}) == "teacher_nll 1.235  rouge_l 0.250"

@@ -198,3 +198,15 @@ def test_concat_without_sampler_logprobs_and_with_an_empty_response():
     assert out.to(torch.device("cpu")).offsets is offsets and out.signal().logits is out.rows["logits"]
     with pytest.raises(AssertionError, match="^the hidden payload needs the teacher's lm_head on the trainer$"):
         TeacherOutput("hidden", {"hidden": torch.zeros(2, 3)}, offsets).signal()
+
+
+def test_topk_extra_ids_lead_with_the_response_token_then_the_students_topk():
+    from csd_ray.rollout import topk_extra_ids
+
+    r = rollout_from_tokens([[5, 6], [7]], [[11, 12], [13]], pad_id=0)
+    assert topk_extra_ids(r).tolist() == [[11], [12], [13]]  # one row per loss row: the token it predicts
+    r.student_topk_ids = torch.arange(r.input_ids.numel() * 2).view(*r.input_ids.shape, 2)
+    # The student's top-k recorded at position t+1 travels with the row predicting token t+1.
+    expected = [[11, *r.student_topk_ids[0, 2].tolist()], [12, *r.student_topk_ids[0, 3].tolist()],
+                [13, *r.student_topk_ids[1, 2].tolist()]]
+    assert topk_extra_ids(r).tolist() == expected

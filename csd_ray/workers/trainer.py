@@ -232,11 +232,8 @@ class TrainerRank:
         t0 = time.perf_counter()
         batches = []
         for rollout_refs, teacher_refs, loss_weight in groups:
-            rollout = concat_rollouts(ray.get(list(rollout_refs)))
-            if min_rollout_version is not None and rollout.source == "student" and rollout.weight_version < min_rollout_version:
-                raise StaleRollout(f"rollout sampled with weights v{rollout.weight_version} by pid {rollout.worker_pid}, "
-                                   f"older than the allowed v{min_rollout_version}")
-            rollout.loss_weight = loss_weight
+            # Checked before the teacher's payload is fetched: a stale group costs no transfer.
+            rollout = fresh_rollout(ray.get(list(rollout_refs)), loss_weight, min_rollout_version)
             batches.append((rollout, concat_teacher_outputs(ray.get(list(teacher_refs)))))
         return self.train_on(batches, loss, lr, t_fetch=time.perf_counter() - t0)
 
@@ -299,7 +296,7 @@ class TrainerRank:
                 if sampled else None
             ),
             "payload_bytes": sum(t.nbytes() for _, t in batches),
-            "worker_pids": sorted({r.worker_pid for r, _ in batches} | {t.worker_pid for _, t in batches} - {0}),
+            "worker_pids": sorted(({r.worker_pid for r, _ in batches} | {t.worker_pid for _, t in batches}) - {0}),
             "time_sample": max(r.seconds for r, _ in batches), "time_score": max(t.seconds for _, t in batches),
             "time_fetch": t_fetch, "time_forward_backward": t_fwd_bwd,
             "time_optimizer": time.perf_counter() - t0 - t_fetch - t_fwd_bwd,
@@ -413,6 +410,17 @@ class TrainerRank:
     def shutdown(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def fresh_rollout(parts: list[Rollout], loss_weight: float, min_rollout_version: Optional[int]) -> Rollout:
+    """One group's rollout shards joined, with the group's loss weight; raises StaleRollout for
+    student samples older than ``min_rollout_version`` (None: no bound; other sources never age)."""
+    rollout = concat_rollouts(parts)
+    if min_rollout_version is not None and rollout.source == "student" and rollout.weight_version < min_rollout_version:
+        raise StaleRollout(f"rollout sampled with weights v{rollout.weight_version} by pid {rollout.worker_pid}, "
+                           f"older than the allowed v{min_rollout_version}")
+    rollout.loss_weight = loss_weight
+    return rollout
 
 
 def concat_teacher_outputs(parts: list[TeacherOutput]) -> TeacherOutput:
