@@ -79,6 +79,7 @@ BAD_INPUTS = [
     ("negative teacher cache", SMOKE, ["stages=[{{name: a, steps: 3, sources: [{{kind: teacher, cache: -1}}]}}]"],
      ["stages[0].sources[0].cache", "must be >= 0, got -1"]),
     ("resume path not a checkpoint", SMOKE, ["run.resume={d}/not_a_checkpoint"], ["not a complete csd_ray checkpoint"]),
+    ("no arithmetic examples", SMOKE, ["data.num_examples=0"], ["data.num_examples", "must be >= 1, got 0"]),
 ]
 
 
