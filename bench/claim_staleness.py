@@ -27,7 +27,6 @@ Finished runs in --out are reused. Writes OUT/staleness.md and OUT/staleness.jso
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -37,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import ray  # noqa: E402
 
-from quality import (LABELS, WARMUP_LR, WARMUP_SOURCE, common_overrides, compared_run,  # noqa: E402  (same folder)
-                     mean_ci, parse_losses, warm_up)
+from quality import (LABELS, WARMUP_LR, WARMUP_SOURCE, Parser, check_settings, common_overrides,  # noqa: E402
+                     compared_run, mean_ci, parse_losses, positive_int, usage_error, warm_up)  # (same folder)
 
 from csd_ray.metrics import read_metrics  # noqa: E402
 
@@ -50,17 +49,17 @@ METRICS = {"student_nll_on_teacher": ("coverage: student NLL of teacher answers"
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--losses", default=",".join(COMPARED))
     p.add_argument("--staleness", default="0,2", help="largest staleness k per run (weights synced every k+1 steps)")
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=12)
-    p.add_argument("--eval-every", type=int, default=6, help="bench/quality.py's cadence (its k = 0 runs are reused)")
-    p.add_argument("--eval-size", type=int, default=64)
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--eval-new-tokens", type=int, default=64)
-    p.add_argument("--warmup-steps", type=int, default=30)
+    p.add_argument("--seeds", type=positive_int, default=3)
+    p.add_argument("--steps", type=positive_int, default=12)
+    p.add_argument("--eval-every", type=positive_int, default=6, help="bench/quality.py's cadence (its k = 0 runs are reused)")
+    p.add_argument("--eval-size", type=positive_int, default=64)
+    p.add_argument("--new-tokens", type=positive_int, default=32)
+    p.add_argument("--eval-new-tokens", type=positive_int, default=64)
+    p.add_argument("--warmup-steps", type=positive_int, default=30)
     p.add_argument("--out", default="runs/quality", help="bench/quality.py's folder: its runs are the k = 0 runs")
     args = p.parse_args()
     if args.quick:
@@ -68,12 +67,15 @@ def main() -> None:
         args.new_tokens, args.eval_new_tokens, args.warmup_steps, args.eval_every = 16, 16, 2, 3
         args.out = args.out if args.out != "runs/quality" else "runs/staleness_quick"
     losses = parse_losses(args.losses)
-    ks = [int(k) for k in args.staleness.split(",")]
+    try:
+        ks = [int(k) for k in args.staleness.split(",")]
+    except ValueError:
+        usage_error(f"--staleness: expected comma-separated integers >= 0, got '{args.staleness}'")
     if any(k < 0 for k in ks):
-        sys.exit(f"error: --staleness: each k must be >= 0, got {args.staleness}")
+        usage_error(f"--staleness: expected comma-separated integers >= 0, got '{args.staleness}'")
     seeds = list(range(args.seeds))
     out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    check_settings(out, args)  # its k = 0 runs are bench/quality.py's: the same settings or none
     cache = out / "teacher_greedy.pt"
     common = common_overrides(args.eval_size, args.new_tokens, args.eval_new_tokens)
     ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)

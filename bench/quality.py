@@ -33,7 +33,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import NoReturn, Optional
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -132,13 +132,58 @@ def run(overrides: list[str], run_dir: Path, cache: Path, steps: int, skip_first
     return time.perf_counter() - t0
 
 
+def usage_error(message: str) -> NoReturn:
+    """Bad command-line input: one line on stderr and exit 2 (argparse's code), no traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (no usage block) and exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        usage_error(message)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
 def parse_losses(text: str) -> list[str]:
-    """Loss names of a comma-separated --losses value; exits with one line on an unknown name."""
+    """Loss names of a comma-separated --losses value; exits 2 with one line on an unknown name."""
     losses = [name.strip() for name in text.split(",") if name.strip()]
     unknown = [name for name in losses if name not in LOSSES]
-    if unknown:
-        sys.exit(f"error: --losses: unknown '{unknown[0]}'; expected some of {', '.join(LOSSES)}")
+    if unknown or not losses:
+        usage_error(f"--losses: unknown '{unknown[0] if unknown else text}'; expected some of {', '.join(LOSSES)}")
     return losses
+
+
+#: Arguments every run in one --out folder must share (the warm-up, the held-out prompts and the
+#: cached teacher answers, the compared stage's length): losses and seeds may be added later.
+SHARED_SETTINGS = ("eval_size", "warmup_steps", "steps", "eval_every", "new_tokens", "eval_new_tokens")
+
+
+def check_settings(out: Path, args: argparse.Namespace) -> None:
+    """Refuse (exit 2) an --out folder whose runs were made with other settings: finished runs in
+    it are reused and unfinished ones deleted, so mixing settings would silently mix results."""
+    path = out / "settings.json"
+    mine = {name: getattr(args, name) for name in SHARED_SETTINGS}
+    if path.exists():
+        theirs = json.loads(path.read_text())
+        diff = [name for name in SHARED_SETTINGS if name in theirs and theirs[name] != mine[name]]
+        if diff:
+            name = diff[0]
+            usage_error(f"--out {out} holds runs made with --{name.replace('_', '-')} {theirs[name]} (now {mine[name]}); "
+                        "use the same settings or another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(mine, indent=1) + "\n")
 
 
 def common_overrides(eval_size: int, new_tokens: int, eval_new_tokens: int) -> list[str]:
@@ -264,16 +309,16 @@ def plot(curves: dict, losses: list[str], path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke check: 2 losses, 2 seeds, 8 prompts, 2 steps")
     parser.add_argument("--losses", default=",".join(LOSSES), help=f"comma-separated from {', '.join(LOSSES)}")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds per loss (>= 3 for the default set)")
-    parser.add_argument("--eval-size", type=int, default=64, help="held-out prompts")
-    parser.add_argument("--warmup-steps", type=int, default=30, help="shared SeqKD warm-up steps (the demo's stage 1)")
-    parser.add_argument("--steps", type=int, default=12, help="steps of the compared stage")
-    parser.add_argument("--eval-every", type=int, default=6, help="evaluation cadence in the compared stage")
-    parser.add_argument("--new-tokens", type=int, default=32, help="response length in training")
-    parser.add_argument("--eval-new-tokens", type=int, default=64, help="response length in evaluation")
+    parser.add_argument("--seeds", type=positive_int, default=3, help="seeds per loss (>= 3 for the default set)")
+    parser.add_argument("--eval-size", type=positive_int, default=64, help="held-out prompts")
+    parser.add_argument("--warmup-steps", type=positive_int, default=30, help="shared SeqKD warm-up steps (the demo's stage 1)")
+    parser.add_argument("--steps", type=positive_int, default=12, help="steps of the compared stage")
+    parser.add_argument("--eval-every", type=positive_int, default=6, help="evaluation cadence in the compared stage")
+    parser.add_argument("--new-tokens", type=positive_int, default=32, help="response length in training")
+    parser.add_argument("--eval-new-tokens", type=positive_int, default=64, help="response length in evaluation")
     parser.add_argument("--out", default="runs/quality", help="output folder (finished runs in it are reused)")
     args = parser.parse_args()
     if args.quick:
@@ -283,7 +328,7 @@ def main() -> None:
     losses = parse_losses(args.losses)
     seeds = list(range(args.seeds))
     out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    check_settings(out, args)
     cache = out / "teacher_greedy.pt"
     common = common_overrides(args.eval_size, args.new_tokens, args.eval_new_tokens)
 

@@ -178,7 +178,7 @@ class TrainerConfig:
     micro_batch_tokens: int = 0
     """Tokens (prompt + response; with packing off, rows x longest row) per forward/backward on a
     rank; consecutive sequences are grouped up to this budget, a longer sequence alone. 0 = no
-    budget. Combines with micro_batch_size (both limits hold). The loss is the same: every
+    budget; else it must exceed the longest max_new_tokens. Combines with micro_batch_size (both limits hold). The loss is the same: every
     micro-batch divides by the whole step's token (or sequence) count."""
     packing: bool = True
     """Forward each micro-batch as one row of its sequences' real tokens, concatenated without
@@ -237,7 +237,10 @@ class SourceConfig:
     """'teacher' only: generate responses for this many upcoming prompts at once, in one large
     batch per teacher replica, and draw each step's responses from them (teacher responses do not
     depend on the student, so a warm-up's can be made in a few big batches instead of one small
-    batch per step); 0 = generate each step's responses when the step is launched."""
+    batch per step); 0 = generate each step's responses when the step is launched. Upcoming: this
+    source's next prompts within its stage (with source_mode 'sample' and several sources, the
+    stream's next ones, whichever source draws them). Each response trains once; a resumed run
+    makes its own, so sampled (non-greedy) ones differ from an uninterrupted run's."""
 
 
 @dataclass
@@ -621,6 +624,11 @@ class Recipe:
                 f"each rank gets {per_source // self.trainer.num_ranks} sequences per source, which "
                 f"micro_batch_size={mb} does not divide",
             )
+        budget, longest = self.trainer.micro_batch_tokens, max([batch.max_new_tokens] + [s.max_new_tokens for s in self.stages])
+        if budget and budget <= longest:  # surely a slip (a unit, a digit): every full-length sequence would overrun it
+            raise located.error("trainer.micro_batch_tokens",
+                                f"must be 0 (no budget) or more than the longest response, {longest} tokens (max_new_tokens), "
+                                f"so a whole sequence fits; got {budget}")
         self._validate_sources(batch.sources, batch.source_mode, "batch.sources", located)
         for i, stage in enumerate(self.stages):
             if stage.sources:
@@ -648,6 +656,8 @@ class Recipe:
             raise located.error("trainer.backend", "nccl needs trainer.placement.num_gpus > 0")
         if self.data.max_prompt_tokens < 1 or self.data.eval_size < 0:
             raise located.error("data", "max_prompt_tokens must be >= 1 and eval_size >= 0")
+        if self.data.num_examples < 1:
+            raise located.error("data.num_examples", f"must be >= 1, got {self.data.num_examples}")
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:

@@ -14,7 +14,7 @@ import json
 import random
 import shutil
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -94,9 +94,10 @@ class Controller:
         self.version = 0  # optimizer steps applied to the trainers' weights
         self.synced_version = 0  # newest version sent to the sampler(s)
         self.replay: deque[PlannedStep] = deque(maxlen=max(1, recipe.batch.replay.capacity))
-        # Cached teacher responses (sources with `cache`): prompt index -> response token lists,
-        # each used once; a resumed or restarted run regenerates what it needs.
-        self.teacher_cache: dict[int, list[list[int]]] = {}
+        # Cached teacher responses (sources with `cache`): (greedy, max_new_tokens) -> prompt index
+        # -> response token lists, each used once (a response made another way, or shorter, is never
+        # served); a resumed or restarted run regenerates what it needs.
+        self.teacher_cache: dict[tuple[bool, int], dict[int, list[list[int]]]] = {}
         self.adaptive: dict[int, AdaptiveSchedule] = {}  # stage index -> its schedule (stages with `adaptive`)
         self.samplers: list = []
         self.teachers: list = []
@@ -468,7 +469,7 @@ class Controller:
                     raise RuntimeError(f"the 'dataset' source needs reference responses; example {missing[0]} has none")
                 responses = [e.response_ids for e in examples]
             else:
-                responses = self._cached_teacher_responses(src, examples, self.recipe.stage_at(index).max_new_tokens, seed)
+                responses = self._cached_teacher_responses(src, examples, index, seed)
             rollout = rollout_from_tokens(
                 prompts, [r[:max_new] for r in responses], self.rules.pad_id,
                 weight_version=self.version, source=src.kind, prompt_indices=indices,
@@ -485,22 +486,65 @@ class Controller:
         teacher_refs = [self.teachers[i % len(self.teachers)].score.remote(ref) for i, ref in enumerate(rollout_refs)]
         return Group(src.kind, rollout_refs, teacher_refs, src.loss_weight, rollout_id)
 
-    def _cached_teacher_responses(self, src: SourceConfig, examples: list, max_new: int, seed: int) -> list[list[int]]:
-        """Each example's teacher response from the cache, refilled when one is missing: the
-        teacher replicas generate for this batch and the next ``src.cache`` prompts of the stream
-        in one large batch each (up to ``max_new`` tokens; a curriculum's shorter steps cut them)."""
-        if any(len(self.teacher_cache.get(e.index, ())) < sum(x.index == e.index for x in examples) for e in examples):
-            upcoming = examples + self.stream.peek(src.cache)
-            prompts = [e.prompt_ids for e in upcoming]
+    def _cached_teacher_responses(self, src: SourceConfig, examples: list, index: int, seed: int) -> list[list[int]]:
+        """Each example's teacher response from the cache, each response used once. When one is
+        missing, the teacher replicas generate, in one large batch each, what this step and this
+        source's next ``src.cache`` prompts of the stage still lack (``samples_per_prompt``
+        responses per prompt, up to the stage's ``max_new_tokens``; a curriculum's shorter steps
+        cut them)."""
+        max_new = self.recipe.stage_at(index).max_new_tokens
+        cache = self.teacher_cache.setdefault((src.greedy, max_new), {})
+        need = Counter(e.index for e in examples)
+        if any(len(cache.get(i, ())) < n for i, n in need.items()):
+            spp = self.recipe.batch.samples_per_prompt
+            wanted = examples + [e for e in self._upcoming_for_source(src, index) for _ in range(spp)]
+            need = Counter(e.index for e in wanted)
+            todo, seen = [], set()
+            for e in wanted:  # only what the cache lacks, in stream order
+                if e.index not in seen:
+                    seen.add(e.index)
+                    todo += [e] * max(0, need[e.index] - len(cache.get(e.index, ())))
+            prompts = [e.prompt_ids for e in todo]
             t0 = time.perf_counter()
-            refs = [actor.generate.remote(prompts[lo:hi], [e.index for e in upcoming[lo:hi]], max_new, seed + i, greedy=src.greedy)
+            refs = [actor.generate.remote(prompts[lo:hi], [e.index for e in todo[lo:hi]], max_new, seed + i, greedy=src.greedy)
                     for i, (actor, lo, hi) in enumerate(_shards(self.teachers, len(prompts)))]
             for rollout in ray.get(refs):
-                for index, tokens in zip(rollout.prompt_indices, response_tokens(rollout)):
-                    self.teacher_cache.setdefault(index, []).append(tokens)
-            self.metrics.message(f"teacher responses for {len(prompts)} prompts generated in {time.perf_counter() - t0:.1f} s "
-                                 f"({len(self.teachers)} replica(s), cached for the next steps)")
-        return [self.teacher_cache[e.index].pop(0) for e in examples]
+                for prompt_index, tokens in zip(rollout.prompt_indices, response_tokens(rollout)):
+                    cache.setdefault(prompt_index, []).append(tokens)
+            self.metrics.message(f"teacher responses: {len(prompts)} generated in {time.perf_counter() - t0:.1f} s "
+                                 f"({len(self.teachers)} replica(s)), cached for the next steps")
+        responses = [cache[e.index].pop(0) for e in examples]
+        for i in need:
+            if not cache.get(i, True):
+                del cache[i]
+        return responses
+
+    def _upcoming_for_source(self, src: SourceConfig, index: int) -> list:
+        """The prompts ``src`` will draw after step ``index``'s, at most ``src.cache`` of them and
+        none beyond the stage, without moving the stream: with source_mode 'all' every source draws
+        ``prompts_per_step`` prompts each step in list order, so only this source's are taken; with
+        'sample' the next prompts of the stream, whichever source draws them."""
+        r = self.recipe
+        stage, per = r.stage_at(index), r.batch.prompts_per_step
+        end = 0
+        for s in r.stages:  # the first step after this stage
+            end += s.steps
+            if index < end:
+                break
+        else:
+            end = r.run.steps
+        count = min(src.cache, (end - index - 1) * per)
+        if count <= 0:
+            return []
+        if stage.source_mode != "all" or len(stage.sources) == 1:
+            return self.stream.peek(count)
+        m = len(stage.sources)
+        j = next((k for k, s in enumerate(stage.sources) if s is src), None)
+        if j is None:  # not one of the stage's own sources (a schedule made it): no pattern to follow
+            return self.stream.peek(count)
+        skip = (m - 1 - j) * per  # the later sources of this step draw first; then, each step, block j of m
+        ahead = self.stream.peek(skip + -(-count // per) * m * per)
+        return [e for o, e in enumerate(ahead) if o >= skip and ((o - skip) // per) % m == j][:count]
 
     # ---- weights, checkpoints, the end ---------------------------------------------------------
     def _sync(self, block: bool) -> float:

@@ -1,5 +1,6 @@
 """bench/quality.py's statistics and verdict lines on hand-made numbers (issue 12)."""
 
+import argparse
 import importlib.util
 import math
 
@@ -41,3 +42,49 @@ def test_table_names_the_winner_per_metric_and_says_when_it_is_not_separated(qua
     assert "- accuracy: tie at 0.000 (RKL, CSD (T,S))" in text
     rkl_row = next(line for line in text.splitlines() if line.startswith("| RKL |"))
     assert "**3.000 ± 0.248**" in rkl_row and "**0.000" not in rkl_row  # no bold for a tie
+
+
+@pytest.fixture(scope="module")
+def staleness():
+    spec = importlib.util.spec_from_file_location("bench_claim_staleness", REPO / "bench" / "claim_staleness.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("bench, argv, message", [
+    ("quality", ["--losses", "nope"], "error: --losses: unknown 'nope'; expected some of fkl, rkl"),
+    ("quality", ["--seeds", "0"], "error: argument --seeds: expected an integer >= 1, got 0"),
+    ("quality", ["--steps", "-2"], "error: argument --steps: expected an integer >= 1, got -2"),
+    ("quality", ["--eval-size", "x"], "error: argument --eval-size: expected an integer >= 1, got 'x'"),
+    ("staleness", ["--staleness", "1", "--eval-every", "5"],
+     "error: --staleness: k=1 needs k >= 0 and --eval-every (5) a multiple of k+1"),
+    ("staleness", ["--staleness", "1,x"], "error: --staleness: expected comma-separated integers >= 0, got '1,x'"),
+    ("staleness", ["--seeds", "0"], "error: argument --seeds: expected an integer >= 1, got 0"),
+    ("staleness", ["--losses", "nope"], "error: --losses: unknown 'nope'"),
+])
+def test_bench_cli_refuses_bad_arguments_with_one_line_and_exit_2(request, monkeypatch, capsys, tmp_path, bench, argv, message):
+    """Refused before any run starts (these used to start the warm-up, or exit 1)."""
+    module = request.getfixturevalue(bench)
+    monkeypatch.setattr("sys.argv", [bench, *argv, "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as exit_:
+        module.main()
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()  # nothing was run
+
+
+def test_bench_refuses_an_out_folder_made_with_other_settings(staleness, quality, monkeypatch, capsys, tmp_path):
+    """Finished runs in --out are reused and unfinished ones deleted: other settings would mix results."""
+    out = tmp_path / "out"
+    args = argparse.Namespace(**{name: 1 for name in quality.SHARED_SETTINGS} | {"steps": 6})
+    quality.check_settings(out, args)  # a first run writes its settings
+    quality.check_settings(out, args)  # the same settings: accepted
+    monkeypatch.setattr("sys.argv", ["claim_staleness", "--warmup-steps", "1", "--eval-size", "1", "--eval-every", "1",
+                                     "--new-tokens", "1", "--eval-new-tokens", "1", "--steps", "12", "--staleness", "0",
+                                     "--out", str(out)])
+    with pytest.raises(SystemExit) as exit_:
+        staleness.main()
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == f"error: --out {out} holds runs made with --steps 6 (now 12); use the same settings or another --out\n"

@@ -2,6 +2,7 @@
 
 import json
 import math
+from collections import Counter
 
 import pytest
 import ray
@@ -9,6 +10,7 @@ import torch
 
 from conftest import smoke_recipe
 from csd_ray.controller import Controller, RunStopped
+from csd_ray.data import PromptStream
 from csd_ray.evaluation import response_tokens
 from csd_ray.metrics import read_metrics
 
@@ -104,8 +106,8 @@ def test_cached_greedy_teacher_responses_are_made_at_once_and_train_as_per_step_
 
     per_step, log_per_step = run(0)
     cached, log_cached = run(4)
-    assert "teacher responses for" not in log_per_step
-    assert log_cached.count("teacher responses for 6 prompts generated") == 1  # 2 now + the next 4: all 3 steps
+    assert "teacher responses:" not in log_per_step
+    assert log_cached.count("teacher responses: 6 generated") == 1  # 2 now + the next 4: all 3 steps
     assert [r.prompt_indices for r in cached] == [r.prompt_indices for r in per_step]  # the stream did not move
     assert all(r.source == "teacher" for r in cached)
     for a, b in zip(cached, per_step):
@@ -138,3 +140,38 @@ def test_adaptive_schedule_draws_student_samples_as_the_held_out_loss_dictates(r
     assert saved["adaptive"]["0"]["probability"] == 1.0 and saved["adaptive"]["1"]["probability"] == 0.0
     # the evaluation after the stage's last step (step 3) was its last trigger
     assert saved["adaptive"]["0"]["reference"] == pytest.approx(evals[3]["eval/student_nll_on_teacher"])
+
+
+def test_each_cached_teacher_response_trains_once_and_nothing_is_generated_in_vain(ray_session, tmp_path, capsys):
+    """`cache` where it is hard: sampled (not greedy) teacher responses, 2 per prompt, beside a
+    student source (source_mode 'all', so the stream alternates between them), 3 training prompts
+    (each comes back within the stage), then a greedy cached stage with a cache smaller than two
+    steps. Each generated response trains exactly once (a reused one would repeat: sampled
+    responses never coincide), each stage generates in one batch only what it will train on, and
+    the prompts are the stream's, in its order."""
+    stages = ("[{name: mixed, steps: 3, source_mode: all, sources: [{kind: student}, {kind: teacher, cache: 8}]},"
+              " {name: seqkd, steps: 2, sources: [{kind: teacher, greedy: true, cache: 2}], loss: {name: ce}}]")
+    recipe = smoke_recipe(tmp_path, "run.steps=5", "data.num_examples=3", "batch.prompts_per_step=2", "batch.samples_per_prompt=2",
+                          f"stages={stages}")
+    controller = Trained(recipe, log=lambda m: None)
+    controller.run()
+    log = capsys.readouterr().err
+
+    stream = PromptStream(controller.prompts.train, seed=recipe.run.seed)
+    expected = [[e.index for e in stream.next_batch(2) for _ in range(2)] for _ in range(3 * 2 + 2)]
+    assert [r.prompt_indices for r in controller.trained] == expected
+    assert [r.source for r in controller.trained] == ["student", "teacher"] * 3 + ["teacher"] * 2
+    # stage 1: this step's 2 prompts + the teacher's 4 later ones (not the student's), x2; stage 2: 2 + 2, x2
+    assert log.count("teacher responses: ") == 2, log
+    assert log.count("teacher responses: 12 generated") == 1 and log.count("teacher responses: 8 generated") == 1
+    assert all(not cached for cached in controller.teacher_cache.values())  # everything made was trained
+
+    def pairs(rollouts):
+        return [(i, tuple(t)) for r in rollouts for i, t in zip(r.prompt_indices, response_tokens(r))]
+
+    sampled = pairs(controller.trained[1:6:2])
+    assert max(Counter(i for i, _ in sampled).values()) >= 4  # a prompt came back in a later step
+    assert len(set(sampled)) == len(sampled) == 12  # every response trained once
+    greedy = pairs(controller.trained[6:])
+    for index in {i for i, _ in greedy}:
+        assert len({t for i, t in greedy if i == index}) == 1  # greedy: one answer per prompt

@@ -190,6 +190,8 @@ def test_bf16_compute_with_packing_matches_padded_and_fp32(family_folder, tmp_pa
 
 @pytest.mark.parametrize("override, message", [
     ("trainer.micro_batch_tokens=-1", "trainer.micro_batch_tokens: must be >= 0, got -1"),
+    ("trainer.micro_batch_tokens=16", "trainer.micro_batch_tokens: must be 0 (no budget) or more than the longest "
+     "response, 16 tokens (max_new_tokens), so a whole sequence fits; got 16"),
     ("trainer.packing=maybe", "trainer.packing: expected true or false, got 'maybe'"),
     ("trainer.activation_checkpointing=1", "trainer.activation_checkpointing: expected true or false, got 1"),
 ])

@@ -82,6 +82,7 @@ BAD_INPUTS = [
      ["stages=[{{name: a, steps: 3, sources: [{{kind: student, probability: 0}}, {{kind: dataset, probability: 1}}], adaptive: {{}}}}]"],
      ["stages[0].adaptive", "run.eval_every > 0"]),
     ("resume path not a checkpoint", SMOKE, ["run.resume={d}/not_a_checkpoint"], ["not a complete csd_ray checkpoint"]),
+    ("no arithmetic examples", SMOKE, ["data.num_examples=0"], ["data.num_examples", "must be >= 1, got 0"]),
 ]
 
 
