@@ -26,8 +26,29 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
 from csd_ray.metrics import read_metrics  # noqa: E402
+from quality import Parser, positive_int, usage_error  # noqa: E402  (same folder)
+
+
+def layers_kept(text: str) -> int:
+    """argparse type: a depth in 1..30 (SmolLM2-135M has 30 decoder layers)."""
+    value = positive_int(text)
+    if value > 30:
+        raise argparse.ArgumentTypeError(f"expected 1..30 layers (SmolLM2-135M has 30), got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got '{text}'") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
 
 
 def run_depth(depth: int, args, out: Path) -> Path:
@@ -45,8 +66,10 @@ def run_depth(depth: int, args, out: Path) -> Path:
 
         shutil.rmtree(run_dir)
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "csd_ray.run", str(REPO / "recipes" / "local.yaml"), *overrides],
-                   check=True, cwd=REPO)
+    done = subprocess.run([sys.executable, "-m", "csd_ray.run", str(REPO / "recipes" / "local.yaml"), *overrides], cwd=REPO)
+    if done.returncode:  # the run printed its own error line
+        print(f"error: the depth-{depth} run exited with code {done.returncode}", file=sys.stderr)
+        raise SystemExit(done.returncode)
     print(f"depth {depth}: {time.perf_counter() - t0:.0f} s", flush=True)
     return run_dir
 
@@ -68,18 +91,20 @@ def curve(run_dir: Path) -> list[dict]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--depths", type=int, nargs="+", default=[8, 15, 22], help="decoder layers kept (of 30)")
-    p.add_argument("--steps", type=int, default=48)
-    p.add_argument("--eval-every", type=int, default=16)
-    p.add_argument("--eval-size", type=int, default=32, help="held-out prompts")
-    p.add_argument("--prompts-per-step", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--cache", type=int, default=256, help="teacher responses made per batch (source cache)")
+    p = Parser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--depths", type=layers_kept, nargs="+", default=[8, 15, 22], help="decoder layers kept (of 30)")
+    p.add_argument("--steps", type=positive_int, default=48)
+    p.add_argument("--eval-every", type=positive_int, default=16)
+    p.add_argument("--eval-size", type=positive_int, default=32, help="held-out prompts")
+    p.add_argument("--prompts-per-step", type=positive_int, default=16)
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
+    p.add_argument("--cache", type=non_negative_int, default=256, help="teacher responses made per batch (source cache)")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--out", type=Path, default=REPO / "runs" / "demo_curve")
     p.add_argument("--only-report", action="store_true", help="tabulate the finished runs in --out")
     args = p.parse_args()
+    if not args.lr > 0:
+        usage_error(f"--lr: expected a positive number, got {args.lr}")
     args.out.mkdir(parents=True, exist_ok=True)
     results = {}
     for depth in args.depths:
