@@ -196,7 +196,7 @@ def test_a_trained_step_is_recorded_in_metrics_jsonl(tmp_path):
     assert record == {
         "kind": "train", "step": 5, "stage": c.recipe.stage_at(4).name, "loss_name": "csd", "loss": 0.5,
         "grad_norm": 2.0, "lr": 1e-3, "tokens": 30, "sequences": 4, "mean_response_tokens": 7.5,
-        "sources": ["student", "teacher"], "replayed": False, "max_new_tokens": 12, "weight_version": 5,
+        "sources": ["student", "teacher"], "replayed": False, "student_probability": None, "max_new_tokens": 12, "weight_version": 5,
         "rollout_version": 2, "staleness": 2, "skipped_nonfinite": False, "sampled_logprob_mean": -1.5,
         "payload_bytes": 1024, "rollout_ids": [17, 18], "time_sample": 0.5, "time_score": 0.25, "time_train": 0.125,
         "time_trainer_forward_backward": 0.2, "time_sync": 0.75}
