@@ -273,7 +273,7 @@ def test_a_published_checkpoint_is_complete_and_restores_the_controller(tmp_path
     assert final == tmp_path / "checkpoints" / "step_000004"
     assert sorted(p.name for p in final.iterdir()) == ["COMPLETE", "controller.json", "shard"]
     assert json.loads((final / "controller.json").read_text()) == {
-        "step": 4, "version": 3, "stream": {"epoch": 1, "cursor": 3}, "fingerprint": fingerprint(c.recipe)}
+        "step": 4, "version": 3, "stream": {"epoch": 1, "cursor": 3}, "adaptive": {}, "fingerprint": fingerprint(c.recipe)}
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
     # Steps launched ahead drew prompts already: the checkpoint keeps where the first untrained one began.
     c.step, c.version = 6, 6
