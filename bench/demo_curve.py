@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from csd_ray.metrics import read_metrics  # noqa: E402
-from quality import Parser, positive_int, usage_error  # noqa: E402  (same folder)
+from quality import Parser, int_at_least, positive_int, usage_error  # noqa: E402  (same folder)
 
 
 def layers_kept(text: str) -> int:
@@ -40,15 +40,7 @@ def layers_kept(text: str) -> int:
     return value
 
 
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got '{text}'") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
+non_negative_int = int_at_least(0)
 
 
 def run_depth(depth: int, args, out: Path) -> Path:

@@ -9,12 +9,17 @@ import pytest
 from conftest import REPO
 
 
-@pytest.fixture(scope="module")
-def quality():
-    spec = importlib.util.spec_from_file_location("bench_quality", REPO / "bench" / "quality.py")
+def _bench(name: str, file: str):
+    """A bench script loaded as a module (bench/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / file)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def quality():
+    return _bench("bench_quality", "quality.py")
 
 
 def test_mean_ci_is_the_student_t_interval(quality):
@@ -46,10 +51,7 @@ def test_table_names_the_winner_per_metric_and_says_when_it_is_not_separated(qua
 
 @pytest.fixture(scope="module")
 def staleness():
-    spec = importlib.util.spec_from_file_location("bench_claim_staleness", REPO / "bench" / "claim_staleness.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _bench("bench_claim_staleness", "claim_staleness.py")
 
 
 @pytest.mark.parametrize("bench, argv, message", [
