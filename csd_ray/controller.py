@@ -31,7 +31,7 @@ from csd_ray.evaluation import Evaluator, closing_table, format_eval, response_t
 from csd_ray.metrics import MetricsLogger
 from csd_ray.models import SMOLLM2, check_same_tokenizer, load_tokenizer, model_folder, preflight, resolve
 from csd_ray.placement import plan
-from csd_ray.rollout import rollout_from_tokens
+from csd_ray.rollout import Rollout, rollout_from_tokens
 from csd_ray.schema import to_dict
 from csd_ray.storage import check_shared_output_dir
 from csd_ray.weight_sync import make_transfer
@@ -212,6 +212,12 @@ class Controller:
             self._sync(block=True)
         t0 = time.perf_counter()
         metrics = self.evaluator.run(self.step)
+        self._evaluated(metrics, time.perf_counter() - t0)
+        return metrics
+
+    def _evaluated(self, metrics: dict, seconds: float) -> None:
+        """Book the held-out evaluation at ``self.step``: the adaptive schedule of the steps just
+        trained reads it, metrics.jsonl and the console get it."""
         # The evaluation judges the steps just trained: their stage's adaptive schedule takes it.
         schedule = self._schedule(self.step - 1) if self.step > 0 else None
         if schedule is not None and schedule.observe(metrics.get(schedule.config.metric)):
@@ -219,9 +225,8 @@ class Controller:
                                  f"student samples now drawn with probability {schedule.probability:.2f}")
         self.eval_history.append({"step": self.step, **metrics})
         self.metrics.log({"kind": "eval", "step": self.step, **{f"eval/{k}": v for k, v in metrics.items()},
-                          "eval/seconds": time.perf_counter() - t0})
+                          "eval/seconds": seconds})
         self.metrics.message(f"eval step {self.step}: {format_eval(metrics)}")
-        return metrics
 
     def train(self) -> None:
         run = self.recipe.run
@@ -408,24 +413,32 @@ class Controller:
 
     # ---- launching a step's work -----------------------------------------------------------
     def _launch(self, index: int) -> PlannedStep:
+        planned, sources = self._plan(index)
+        if sources:
+            planned.groups = [self._launch_source(src, index, planned.max_new_tokens, self.attempt * 1_000_000 + index * 16 + k)
+                              for k, src in enumerate(sources)]
+        return planned
+
+    def _plan(self, index: int) -> tuple[PlannedStep, list[SourceConfig]]:
+        """Step ``index`` before any work is launched: a replay of an old step (its groups, no
+        sources), or a new step (no groups yet) and the sources it draws from. The draws are seeded
+        by ``run.seed`` and the step, so a resumed or redone step draws the same."""
         r = self.recipe
         rng = random.Random(r.run.seed * 7919 + index)
         stage = r.stage_at(index)
-        max_new = self._max_new_tokens(index, stage.max_new_tokens)
         stream_before = self.stream.state()
         if self.replay and rng.random() < r.batch.replay.probability:
             old = rng.choice(list(self.replay))
-            return PlannedStep(index, old.groups, old.max_new_tokens, replayed=True, stream_before=stream_before)
+            return PlannedStep(index, old.groups, old.max_new_tokens, replayed=True, stream_before=stream_before), []
         schedule = self._schedule(index)
         if stage.source_mode == "all":
             sources = list(stage.sources)
         else:
             weights = schedule.weights(stage.sources) if schedule else [s.probability for s in stage.sources]
             sources = [rng.choices(stage.sources, weights=weights)[0]]
-        groups = [self._launch_source(src, index, max_new, self.attempt * 1_000_000 + index * 16 + k)
-                  for k, src in enumerate(sources)]
-        return PlannedStep(index, groups, max_new, stream_before=stream_before,
-                           student_probability=schedule.probability if schedule else None)
+        planned = PlannedStep(index, [], self._max_new_tokens(index, stage.max_new_tokens), stream_before=stream_before,
+                              student_probability=schedule.probability if schedule else None)
+        return planned, sources
 
     def _adaptive_evaluation_due(self) -> bool:
         """Whether a resumed run must redo the evaluation at its checkpoint's step: an adaptive
@@ -463,18 +476,9 @@ class Controller:
         indices = [e.index for e in examples]
         seed = self.recipe.run.seed * 1_000_003 + index * 101
         if src.kind == "dataset" or src.cache:
-            if src.kind == "dataset":
-                missing = [e.index for e in examples if e.response_ids is None]
-                if missing:
-                    raise RuntimeError(f"the 'dataset' source needs reference responses; example {missing[0]} has none")
-                responses = [e.response_ids for e in examples]
-            else:
-                responses = self._cached_teacher_responses(src, examples, index, seed)
-            rollout = rollout_from_tokens(
-                prompts, [r[:max_new] for r in responses], self.rules.pad_id,
-                weight_version=self.version, source=src.kind, prompt_indices=indices,
-            )
-            rollout_refs = [ray.put(rollout)]
+            if src.kind == "teacher":
+                self._fill_teacher_cache(src, examples, index, seed)
+            rollout_refs = [ray.put(self._offpolicy_rollout(src, examples, index, max_new))]
         else:
             if src.kind == "student" and self.version - self.synced_version >= self.recipe.run.weight_sync_every:
                 self._sync(block=True)  # sync mode: weights move only when the sampler needs them
@@ -486,38 +490,62 @@ class Controller:
         teacher_refs = [self.teachers[i % len(self.teachers)].score.remote(ref) for i, ref in enumerate(rollout_refs)]
         return Group(src.kind, rollout_refs, teacher_refs, src.loss_weight, rollout_id)
 
-    def _cached_teacher_responses(self, src: SourceConfig, examples: list, index: int, seed: int) -> list[list[int]]:
-        """Each example's teacher response from the cache, each response used once. When one is
-        missing, the teacher replicas generate, in one large batch each, what this step and this
-        source's next ``src.cache`` prompts of the stage still lack (``samples_per_prompt``
-        responses per prompt, up to the stage's ``max_new_tokens``; a curriculum's shorter steps
-        cut them)."""
+    def _offpolicy_rollout(self, src: SourceConfig, examples: list, index: int, max_new: int) -> Rollout:
+        """The rollout of a source whose responses exist before the step: the dataset's references,
+        or (``cache``) the teacher's responses taken from the cache, each used once; cut to
+        ``max_new`` tokens (a curriculum's shorter steps). Step ``index``'s teacher responses must be
+        in the cache (``_fill_teacher_cache``)."""
+        if src.kind == "dataset":
+            missing = [e.index for e in examples if e.response_ids is None]
+            if missing:
+                raise RuntimeError(f"the 'dataset' source needs reference responses; example {missing[0]} has none")
+            responses = [e.response_ids for e in examples]
+        else:
+            cache = self.teacher_cache[(src.greedy, self.recipe.stage_at(index).max_new_tokens)]
+            responses = [cache[e.index].pop(0) for e in examples]
+            for i in {e.index for e in examples}:
+                if not cache[i]:
+                    del cache[i]
+        return rollout_from_tokens([e.prompt_ids for e in examples], [r[:max_new] for r in responses], self.rules.pad_id,
+                                   weight_version=self.version, source=src.kind, prompt_indices=[e.index for e in examples])
+
+    def _fill_teacher_cache(self, src: SourceConfig, examples: list, index: int, seed: int) -> None:
+        """Make sure the cache holds a teacher response for each of ``examples``: if one is missing,
+        the teacher replicas generate, in one large batch each, what ``_cache_todo`` lists."""
+        todo = self._cache_todo(src, examples, index)
+        if not todo:
+            return
         max_new = self.recipe.stage_at(index).max_new_tokens
-        cache = self.teacher_cache.setdefault((src.greedy, max_new), {})
+        prompts = [e.prompt_ids for e in todo]
+        t0 = time.perf_counter()
+        refs = [actor.generate.remote(prompts[lo:hi], [e.index for e in todo[lo:hi]], max_new, seed + i, greedy=src.greedy)
+                for i, (actor, lo, hi) in enumerate(_shards(self.teachers, len(prompts)))]
+        cache = self.teacher_cache[(src.greedy, max_new)]
+        for rollout in ray.get(refs):
+            for prompt_index, tokens in zip(rollout.prompt_indices, response_tokens(rollout)):
+                cache.setdefault(prompt_index, []).append(tokens)
+        self.metrics.message(f"teacher responses: {len(prompts)} generated in {time.perf_counter() - t0:.1f} s "
+                             f"({len(self.teachers)} replica(s)), cached for the next steps")
+
+    def _cache_todo(self, src: SourceConfig, examples: list, index: int) -> list:
+        """The examples (one per response) the teacher must answer before step ``index`` can take
+        ``examples``' responses from the cache: nothing when all are there; otherwise what this step
+        and ``src``'s next ``src.cache`` prompts of the stage still lack (``samples_per_prompt``
+        responses per prompt), in stream order. Cached responses are keyed by (greedy, the stage's
+        ``max_new_tokens``): one made another way, or shorter, is never served."""
+        cache = self.teacher_cache.setdefault((src.greedy, self.recipe.stage_at(index).max_new_tokens), {})
         need = Counter(e.index for e in examples)
-        if any(len(cache.get(i, ())) < n for i, n in need.items()):
-            spp = self.recipe.batch.samples_per_prompt
-            wanted = examples + [e for e in self._upcoming_for_source(src, index) for _ in range(spp)]
-            need = Counter(e.index for e in wanted)
-            todo, seen = [], set()
-            for e in wanted:  # only what the cache lacks, in stream order
-                if e.index not in seen:
-                    seen.add(e.index)
-                    todo += [e] * max(0, need[e.index] - len(cache.get(e.index, ())))
-            prompts = [e.prompt_ids for e in todo]
-            t0 = time.perf_counter()
-            refs = [actor.generate.remote(prompts[lo:hi], [e.index for e in todo[lo:hi]], max_new, seed + i, greedy=src.greedy)
-                    for i, (actor, lo, hi) in enumerate(_shards(self.teachers, len(prompts)))]
-            for rollout in ray.get(refs):
-                for prompt_index, tokens in zip(rollout.prompt_indices, response_tokens(rollout)):
-                    cache.setdefault(prompt_index, []).append(tokens)
-            self.metrics.message(f"teacher responses: {len(prompts)} generated in {time.perf_counter() - t0:.1f} s "
-                                 f"({len(self.teachers)} replica(s)), cached for the next steps")
-        responses = [cache[e.index].pop(0) for e in examples]
-        for i in need:
-            if not cache.get(i, True):
-                del cache[i]
-        return responses
+        if all(len(cache.get(i, ())) >= n for i, n in need.items()):
+            return []
+        spp = self.recipe.batch.samples_per_prompt
+        wanted = examples + [e for e in self._upcoming_for_source(src, index) for _ in range(spp)]
+        need = Counter(e.index for e in wanted)
+        todo, seen = [], set()
+        for e in wanted:
+            if e.index not in seen:
+                seen.add(e.index)
+                todo += [e] * max(0, need[e.index] - len(cache.get(e.index, ())))
+        return todo
 
     def _upcoming_for_source(self, src: SourceConfig, index: int) -> list:
         """The prompts ``src`` will draw after step ``index``'s, at most ``src.cache`` of them and

@@ -196,7 +196,15 @@ class Evaluator:
         fidelity_ref = self.teacher.token_logprobs.remote(sample_ref)
         samples, greedy = ray.get([sample_ref, greedy_ref])
         fidelity, coverage = ray.get([fidelity_ref, coverage_ref])
+        return self.score(step, samples, greedy, teacher_greedy, fidelity, coverage)
 
+    def score(self, step: int, samples: Rollout, greedy: Rollout, teacher_greedy: Rollout,
+              fidelity: torch.Tensor, coverage: torch.Tensor) -> dict[str, float]:
+        """The held-out metrics (module docstring) of one evaluation, from what the actors returned:
+        the student's sampled and greedy rollouts and the teacher's greedy one on ``self.examples``;
+        ``fidelity`` the teacher's log-probs of ``samples``, ``coverage`` the student's of
+        ``teacher_greedy`` (each [batch, sequence], nats). Writes the step's samples file and keeps
+        ``last_side_by_side``."""
         decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
         sample_tokens = response_tokens(samples)
         sample_text = [decode(t) for t in sample_tokens]

@@ -342,3 +342,160 @@ def test_prepare_loads_data_and_tokenizers_once_before_any_actor(tmp_path):
     assert c.rules.end_of_response_id == c.tokenizer.eos_token_id
     c.prepare()  # a second call (run() after a dry check) does nothing
     assert len(seen) == 2
+
+
+# ---- a step's plan, the cached teacher responses, an evaluation's booking (no actors) ---------
+
+def _prepared(tmp_path, *overrides):
+    """A controller with its data and tokenizer loaded (prepare: no actors), logging to tmp_path."""
+    from csd_ray.metrics import MetricsLogger
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    c = _controller(tmp_path, "run.plot=false", *overrides)
+    c.prepare()
+    c.metrics = MetricsLogger(c.recipe, tmp_path, c.recipe.run.steps)
+    c.eval_history = []
+    return c
+
+
+def test_a_step_draws_its_source_with_the_configured_probabilities_reproducibly(tmp_path):
+    c = _prepared(tmp_path, "run.steps=400", "batch.curriculum.start_tokens=4", "batch.curriculum.warmup_steps=4",
+                  "batch.sources=[{kind: student, probability: 0.25}, {kind: teacher, probability: 0.75}]")
+    plans = [c._plan(i) for i in range(400)]
+    kinds = [sources[0].kind for _, sources in plans]
+    assert all(len(sources) == 1 for _, sources in plans) and 0.2 < kinds.count("student") / 400 < 0.3
+    assert [c._plan(i)[1][0].kind for i in range(20)] == kinds[:20]  # a redone step draws the same
+    other = _prepared(tmp_path / "b", "run.steps=400", "run.seed=5",
+                      "batch.sources=[{kind: student, probability: 0.25}, {kind: teacher, probability: 0.75}]")
+    assert [other._plan(i)[1][0].kind for i in range(40)] != kinds[:40]  # the draws follow run.seed
+    planned = plans[2][0]
+    assert (planned.index, planned.groups, planned.max_new_tokens, planned.replayed) == (2, [], 10, False)
+    assert planned.stream_before == c.stream.state() and planned.student_probability is None
+    both = _prepared(tmp_path / "c", "run.steps=2", "stages=[{steps: 2, source_mode: all, sources: [{kind: teacher}, {kind: student}]}]")
+    assert [s.kind for s in both._plan(1)[1]] == ["teacher", "student"]  # source_mode all: each, in order
+
+
+def test_a_replayed_step_reuses_an_old_steps_groups_with_the_replay_probability(tmp_path):
+    from csd_ray.controller import Group, PlannedStep
+
+    c = _prepared(tmp_path, "run.steps=60", "batch.replay.capacity=2", "batch.replay.probability=0.5")
+    assert not any(c._plan(i)[0].replayed for i in range(60))  # nothing to replay yet
+    old = PlannedStep(0, [Group("student", ["r"], ["t"], 1.0, 7)], 9)
+    c.replay.append(old)
+    c.stream.next_batch(3)
+    plans = [c._plan(i) for i in range(60)]
+    replayed = [p for p, sources in plans if p.replayed]
+    assert 15 < len(replayed) < 45 and all(sources == [] for p, sources in plans if p.replayed)
+    assert all(p.groups is old.groups and p.max_new_tokens == 9 and p.stream_before == {"epoch": 0, "cursor": 3}
+               for p in replayed)
+    never = _prepared(tmp_path / "b", "run.steps=60", "batch.replay.capacity=2", "batch.replay.probability=0.0")
+    never.replay.append(old)
+    assert not any(never._plan(i)[0].replayed for i in range(60))
+
+
+def _simulated_draws(stream, stage, per, index, j, count):
+    """What source ``j`` of a source_mode 'all' stage draws after step ``index``'s own draw, by
+    running the stream as the launches would (each step: each source in turn draws ``per``)."""
+    m, draws = len(stage.sources), []
+    for _ in range(m - 1 - j):  # the later sources of step `index`
+        stream.next_batch(per)
+    while len(draws) < count:
+        for k in range(m):
+            batch = stream.next_batch(per)
+            if k == j:
+                draws += batch
+    return draws[:count]
+
+
+@pytest.mark.parametrize("j", [0, 1, 2])
+def test_a_cached_source_looks_ahead_at_its_own_prompts_only_up_to_the_stage_end(tmp_path, j):
+    import copy
+
+    c = _prepared(tmp_path, "batch.prompts_per_step=3", "trainer.num_ranks=1", "run.steps=9",
+                  "stages=[{steps: 6, source_mode: all, sources: [{kind: teacher, greedy: true, cache: 10}, "
+                  "{kind: teacher, greedy: true, cache: 10}, {kind: teacher, greedy: true, cache: 10}]}, "
+                  "{steps: 3, sources: [{kind: teacher, greedy: true, cache: 100}]}]")
+    stage = c.recipe.stages[0]
+    src = stage.sources[j]
+    c.stream.next_batch(5)
+    expected = _simulated_draws(copy.deepcopy(c.stream), stage, 3, 1, j, 10)
+    before = c.stream.state()
+    assert [e.index for e in c._upcoming_for_source(src, 1)] == [e.index for e in expected]
+    assert c.stream.state() == before  # looking ahead does not move the stream
+    # Step 4 of 6: one step left in the stage, 3 of its prompts; none after the stage's last step.
+    assert [e.index for e in c._upcoming_for_source(src, 4)] == [e.index for e in expected[:3]]
+    assert c._upcoming_for_source(src, 5) == []
+    # A sampled (single-source) stage looks at the stream itself, up to the run's end.
+    last = c.recipe.stages[1].sources[0]
+    assert [e.index for e in c._upcoming_for_source(last, 6)] == [e.index for e in c.stream.peek(6)]
+
+
+def test_cached_teacher_responses_are_generated_for_what_is_missing_and_each_served_once(tmp_path):
+    c = _prepared(tmp_path, "batch.prompts_per_step=2", "batch.samples_per_prompt=2", "batch.max_new_tokens=16",
+                  "run.steps=4", "batch.sources=[{kind: teacher, greedy: true, cache: 4}]")
+    src = c.recipe.batch.sources[0]
+    examples = [e for e in c.stream.next_batch(2) for _ in range(2)]
+    upcoming = c.stream.peek(4)
+    todo = c._cache_todo(src, examples, 0)
+    assert [e.index for e in todo] == [e.index for e in examples + [u for u in upcoming for _ in range(2)]]
+    cache = c.teacher_cache[(True, 16)]
+    for n, e in enumerate(todo):  # what the teacher would answer: a distinct response per entry
+        cache.setdefault(e.index, []).append([100 + n] * (3 + n % 5))
+    assert c._cache_todo(src, examples, 0) == []  # all there: nothing to generate
+    first, second = examples[0].index, examples[2].index
+    expected = [cache[first][0], cache[first][1], cache[second][0], cache[second][1]]
+    rollout = c._offpolicy_rollout(src, examples, 0, max_new=5)
+    from csd_ray.evaluation import response_tokens
+
+    assert response_tokens(rollout) == [r[:5] for r in expected]  # cut to the step's length
+    assert rollout.prompt_indices == [first, first, second, second] and rollout.source == "teacher"
+    assert first not in cache and second not in cache and len(cache) == 4  # served once, then gone
+    # The next step finds its responses; once one is missing, only what is missing is generated:
+    # that response, and the prompts after the cached ones.
+    step1 = [e for e in c.stream.next_batch(2) for _ in range(2)]
+    assert c._cache_todo(src, step1, 1) == []
+    cache[upcoming[1].index].pop()
+    after = c.stream.peek(4)
+    assert after[:2] == upcoming[2:]
+    assert [e.index for e in c._cache_todo(src, step1, 1)] == [upcoming[1].index] + [e.index for e in after[2:] for _ in range(2)]
+    # A response made another way (sampled) or shorter (another stage's length) is never served.
+    assert len(c._cache_todo(type(src)(kind="teacher", greedy=False, cache=4), [upcoming[0]], 1)) > 0
+
+
+def test_dataset_responses_become_the_rollout_and_a_missing_one_is_named(tmp_path):
+    from csd_ray.data import EncodedExample
+
+    c = _prepared(tmp_path, "batch.sources=[{kind: dataset}]")
+    src = c.recipe.batch.sources[0]
+    examples = [EncodedExample(3, [5, 6], [7, 8, 9], None, "p"), EncodedExample(4, [5], [10], None, "q")]
+    c.version = 6
+    rollout = c._offpolicy_rollout(src, examples, 0, max_new=2)
+    from csd_ray.evaluation import response_tokens
+
+    assert response_tokens(rollout) == [[7, 8], [10]] and rollout.weight_version == 6
+    with pytest.raises(RuntimeError, match="example 4 has none"):
+        c._offpolicy_rollout(src, [examples[0], EncodedExample(4, [5], None, None, "q")], 0, max_new=2)
+
+
+def test_an_evaluation_is_logged_and_drives_the_adaptive_schedule_of_the_steps_just_trained(tmp_path, capsys):
+    c = _prepared(tmp_path, "run.steps=6", "run.eval_every=2", "data.eval_size=4",
+                  "stages=[{steps: 2, sources: [{kind: teacher}]}, {steps: 4, sources: [{kind: teacher, probability: 0.9}, "
+                  "{kind: student, probability: 0.1}], adaptive: {increment: 0.3, metric: teacher_nll}}]")
+    assert c._schedule(0) is None and not c._adaptive_evaluation_due()
+    c._evaluated({"teacher_nll": 4.0, "rouge_l": 0.5}, seconds=1.5)  # step 0
+    c.step = 2
+    c._evaluated({"teacher_nll": 5.0}, seconds=1.0)  # judges stage 0 (no schedule)
+    schedule = c._schedule(2)
+    assert (schedule.probability, schedule.reference) == (0.1, 5.0)  # made at the stage's first step
+    assert c._schedule(5) is schedule and c.adaptive == {1: schedule}
+    c.step = 4
+    assert c._adaptive_evaluation_due()  # a resumed run at step 4 must redo this evaluation
+    c._evaluated({"teacher_nll": 5.5}, seconds=1.0)
+    assert schedule.probability == pytest.approx(0.4)
+    assert "teacher_nll rose to 5.500; student samples now drawn with probability 0.40" in capsys.readouterr().err
+    c.step = 6
+    assert not c._adaptive_evaluation_due()  # the run's end: finish() evaluates
+    c.metrics.close()
+    evals = [r for r in _records(tmp_path) if r.get("kind") == "eval"]
+    assert [(r["step"], r["eval/teacher_nll"], r["eval/seconds"]) for r in evals] == [(0, 4.0, 1.5), (2, 5.0, 1.0), (4, 5.5, 1.0)]
+    assert evals[0]["eval/rouge_l"] == 0.5 and [h["step"] for h in c.eval_history] == [0, 2, 4]

@@ -197,3 +197,54 @@ def test_evaluator_writes_the_first_samples_of_a_step_and_formats_its_metrics(tm
         {"prompt": f"prompt {i}", "answer": str(i), "student_sample": f"s{i}", "student_greedy": f"g{i}",
          "teacher_greedy": f"t{i}"} for i in range(2)]
     assert format_eval({"rouge_l": 0.25, "teacher_nll": 1.23456, "unknown": 9.0}) == "teacher_nll 1.235  rouge_l 0.250"
+
+
+def test_evaluator_scores_an_evaluation_from_the_rollouts_the_actors_returned(tmp_path):
+    """Every metric of `Evaluator.score`, recomputed here from the texts and log-probs by the libraries
+    (rouge-score, sacrebleu) and by hand; the samples file and the side-by-side answers."""
+    import json
+
+    import sacrebleu
+
+    from csd_ray.config import ModelConfig
+    from csd_ray.data import EncodedExample
+    from csd_ray.evaluation import Evaluator
+    from csd_ray.models import load_tokenizer
+
+    tok = load_tokenizer(ModelConfig(path="tiny"))
+    eos = tok.eos_token_id
+    enc = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    examples = [EncodedExample(i, enc(f"What is {i} + {i}?"), None, str(2 * i), f"What is {i} + {i}?") for i in (1, 2, 3)]
+    teacher_text = ["The answer is 2.", "The answer is 4.", "The answer is 6."]
+    greedy_text = ["The answer is 2.", "It is 5.", "The answer is 6 apples."]
+    sample_text = ["two plus two", "It is 5 maybe", "the answer"]
+    prompts = [e.prompt_ids for e in examples]
+    # Samples: the first and third end with EOS (counted as length, left out of distinct-2).
+    sample_ids = [enc(sample_text[0]) + [eos], enc(sample_text[1]), enc(sample_text[2]) + [eos]]
+    samples = rollout_from_tokens(prompts, sample_ids, 0)
+    greedy = rollout_from_tokens(prompts, [enc(t) + [eos] for t in greedy_text], 0)
+    teacher = rollout_from_tokens(prompts, [enc(t) + [eos] for t in teacher_text], 0)
+    gen = torch.Generator().manual_seed(0)
+    fidelity = -torch.rand(samples.input_ids.shape, generator=gen) * 4
+    coverage = -torch.rand(teacher.input_ids.shape, generator=gen) * 4
+
+    evaluator = Evaluator(examples, None, None, tok, tmp_path, max_new_tokens=16, seed=1, samples_to_write=2)
+    got = evaluator.score(3, samples, greedy, teacher, fidelity, coverage)
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    bigrams = [tuple(s[i:i + 2]) for s in ([t for t in ids if t != eos] for ids in sample_ids) for i in range(len(s) - 1)]
+    bleu = [sacrebleu.sentence_bleu(t, [r for j, r in enumerate(sample_text) if j != i]).score / 100
+            for i, t in enumerate(sample_text)]
+    assert got == pytest.approx({
+        "teacher_nll": float(-fidelity[samples.response_mask].mean()),
+        "student_nll_on_teacher": float(-coverage[teacher.response_mask].mean()),
+        "accuracy": 2 / 3, "teacher_accuracy": 1.0, "teacher_agreement": 2 / 3,
+        "distinct_answers": 3.0, "distinct_answer_share": 1.0, "teacher_distinct_answer_share": 1.0,
+        "rouge_l": sum(scorer.score(t, g)["rougeL"].fmeasure for g, t in zip(greedy_text, teacher_text)) / 3,
+        "distinct2": len(set(bigrams)) / len(bigrams), "eos_rate": 2 / 3,
+        "mean_len": sum(map(len, sample_ids)) / 3, "self_bleu": sum(bleu) / 3,
+    })
+    assert evaluator.last_side_by_side == [(e.prompt_text, t, g) for e, t, g in zip(examples, teacher_text, greedy_text)]
+    written = [json.loads(line) for line in (tmp_path / "samples" / "step_000003.jsonl").read_text().splitlines()]
+    assert written == [{"prompt": e.prompt_text, "answer": e.answer, "student_sample": s, "student_greedy": g,
+                        "teacher_greedy": t} for e, s, g, t in list(zip(examples, sample_text, greedy_text, teacher_text))[:2]]
