@@ -248,3 +248,56 @@ def test_evaluator_scores_an_evaluation_from_the_rollouts_the_actors_returned(tm
     written = [json.loads(line) for line in (tmp_path / "samples" / "step_000003.jsonl").read_text().splitlines()]
     assert written == [{"prompt": e.prompt_text, "answer": e.answer, "student_sample": s, "student_greedy": g,
                         "teacher_greedy": t} for e, s, g, t in list(zip(examples, sample_text, greedy_text, teacher_text))[:2]]
+    # One prompt: means over one.
+    alone = Evaluator(examples[2:], None, None, tok, tmp_path, max_new_tokens=16, seed=1)
+    part = lambda ids: rollout_from_tokens(prompts[2:], ids, 0)  # noqa: E731
+    one_samples, one_teacher = part(sample_ids[2:]), part([enc(teacher_text[2]) + [eos]])
+    one = alone.score(4, one_samples, part([enc(greedy_text[2]) + [eos]]), one_teacher,
+                      torch.full(one_samples.input_ids.shape, -1.0), torch.full(one_teacher.input_ids.shape, -2.0))
+    assert (one["teacher_nll"], one["student_nll_on_teacher"]) == (1.0, 2.0)
+    assert one["rouge_l"] == pytest.approx(scorer.score(teacher_text[2], greedy_text[2])["rougeL"].fmeasure)
+    assert (one["accuracy"], one["teacher_agreement"], one["eos_rate"]) == (1.0, 1.0, 1.0)
+
+
+def test_closing_table_text_exactly_with_a_teacher_that_scores_zero():
+    before = {"teacher_nll": 12.0}
+    after = {"teacher_nll": 7.5, "accuracy": 0.0, "teacher_accuracy": 0.0, "distinct_answer_share": 0.5,
+             "teacher_distinct_answer_share": 1.0}
+    text = closing_table(before, after, [("What is  2 + 3?", "2 + 3\n= 5.", "five")], width=8)
+    assert text.splitlines() == [
+        f"{'metric':30s}{'before':>10s}{'after':>10s}{'teacher':>10s}",
+        f"{'teacher_nll':30s}{12.0:10.3f}{7.5:10.3f}{'-':>10s}",
+        f"{'accuracy':30s}{'nan':>10s}{0.0:10.3f}{0.0:10.3f}",  # absent before: NaN, not a crash
+        f"{'distinct_answer_share':30s}{'nan':>10s}{0.5:10.3f}{1.0:10.3f}",
+        "student accuracy 0.000 vs teacher 0.000 (teacher scores 0); agreement with the teacher nan",
+        "",
+        "prompt   | teacher  | student",
+        "What is  | 2 + 3 =  | five",  # whitespace runs collapsed, then cut to the width
+    ]
+    assert closing_table({}, {"teacher_nll": 1.0}).splitlines()[1:] == [f"{'teacher_nll':30s}{'nan':>10s}{1.0:10.3f}{'-':>10s}"]
+
+
+def test_metrics_of_one_prompt_two_samples_and_no_tokens():
+    one = answer_metrics(["4"], ["It is 4."], ["4"])
+    assert (one["accuracy"], one["teacher_agreement"], one["distinct_answer_share"]) == (1.0, 1.0, 1.0)
+    assert rouge_l("4", "4") == 1.0
+    from csd_ray.evaluation import self_bleu
+
+    assert self_bleu(["the cat sat on the mat", "the cat sat on the mat"]) == pytest.approx(1.0)
+    assert math.isnan(self_bleu(["only one"]))
+    empty = rollout_from_tokens([[1, 2]], [[]], 0)
+    assert math.isnan(mean_nll(torch.zeros(empty.input_ids.shape), empty))
+    assert display_prompt("  <|im_start|>user<|im_end|>  ") == "<|im_start|>user<|im_end|>"  # nothing else: as is
+
+
+def test_the_evaluator_writes_eight_samples_by_default(tmp_path):
+    import json
+
+    from csd_ray.data import EncodedExample
+    from csd_ray.evaluation import Evaluator
+
+    examples = [EncodedExample(i, [1], None, None, f"p{i}") for i in range(10)]
+    evaluator = Evaluator(examples, None, None, type("T", (), {"eos_token_id": 0})(), tmp_path / "run", 4, 1)
+    evaluator._write_samples(1, ["s"] * 10, ["g"] * 10, ["t"] * 10)  # the run folder is made as needed
+    assert len((tmp_path / "run" / "samples" / "step_000001.jsonl").read_text().splitlines()) == 8
+    assert [json.loads(line)["prompt"] for line in (tmp_path / "run" / "samples" / "step_000001.jsonl").open()][-1] == "p7"
