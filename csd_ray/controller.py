@@ -406,10 +406,15 @@ class Controller:
             raise RunStopped(
                 f"{self.stop_requested}: stopped after step {self.step}/{run.steps}; checkpoint {path}. Resume by "
                 "running the same command again (same run.output_dir; run.resume=auto)", exit_code=143)
-        if run.checkpoint_every and self.step % run.checkpoint_every == 0 and self.step < run.steps:
+        if self._periodic(run.checkpoint_every):
             self.checkpoint()
-        if run.eval_every and self.step % run.eval_every == 0 and self.step < run.steps:
+        if self._periodic(run.eval_every):
             self.evaluate()
+
+    def _periodic(self, every: int) -> bool:
+        """Whether a periodic checkpoint or evaluation (each ``every`` steps; 0: never) follows the
+        step just trained: not after the run's last step, where finish() makes both."""
+        return bool(every) and self.step % every == 0 and self.step < self.recipe.run.steps
 
     # ---- launching a step's work -----------------------------------------------------------
     def _launch(self, index: int) -> PlannedStep:
@@ -444,9 +449,8 @@ class Controller:
         """Whether a resumed run must redo the evaluation at its checkpoint's step: an adaptive
         schedule reads it, and the original run made it just after writing the checkpoint (or,
         stopped by a signal, never made it, where an uninterrupted run would have)."""
-        run = self.recipe.run
-        return bool(0 < self.step < run.steps and run.eval_every and self.step % run.eval_every == 0
-                    and self.recipe.stage_at(self.step - 1).adaptive is not None)
+        return (self.step > 0 and self._periodic(self.recipe.run.eval_every)
+                and self.recipe.stage_at(self.step - 1).adaptive is not None)
 
     def _schedule(self, index: int) -> Optional[AdaptiveSchedule]:
         """The adaptive schedule of step ``index``'s stage, if it has one; made when the stage's

@@ -1,9 +1,11 @@
-"""The controller's pure decisions (no Ray): what may launch when, curriculum, shards, resume checks."""
+"""The controller's decisions without actors: what may launch when, curriculum, shards, resume checks,
+a step's plan and booking, the teacher cache, checkpoints' controller side (one test puts objects in Ray)."""
 
 import json
 import time
 
 import pytest
+import torch
 
 from conftest import smoke_recipe
 from csd_ray.controller import Controller, _first_line, _shards, complete_checkpoints, fingerprint
@@ -499,3 +501,93 @@ def test_an_evaluation_is_logged_and_drives_the_adaptive_schedule_of_the_steps_j
     evals = [r for r in _records(tmp_path) if r.get("kind") == "eval"]
     assert [(r["step"], r["eval/teacher_nll"], r["eval/seconds"]) for r in evals] == [(0, 4.0, 1.5), (2, 5.0, 1.0), (4, 5.5, 1.0)]
     assert evals[0]["eval/rouge_l"] == 0.5 and [h["step"] for h in c.eval_history] == [0, 2, 4]
+
+
+_ADAPTIVE = "[{kind: teacher, probability: 0.9}, {kind: student, probability: 0.1}]"
+
+
+def test_periodic_checkpoints_and_evaluations_and_the_resumed_evaluation_an_adaptive_stage_needs(tmp_path):
+    c = _prepared(tmp_path, "run.steps=6", "run.eval_every=1", "data.eval_size=4", "run.checkpoint_every=4",
+                  f"stages=[{{steps: 1, sources: {_ADAPTIVE}, adaptive: {{}}}}, {{steps: 2, sources: [{{kind: teacher}}]}}, "
+                  f"{{steps: 3, sources: {_ADAPTIVE}, adaptive: {{}}}}]")
+    due, periodic = [], []
+    for step in range(7):
+        c.step = step
+        due.append(c._adaptive_evaluation_due())
+        periodic.append((c._periodic(c.recipe.run.checkpoint_every), c._periodic(3), c._periodic(0)))
+    # The evaluation after step s judges step s - 1's stage; none at step 0 (nothing trained) or at the end.
+    assert due == [False, True, False, False, True, True, False]
+    assert periodic == [(True, True, False), (False, False, False), (False, False, False), (False, True, False),
+                        (True, False, False), (False, False, False), (False, False, False)]
+
+
+def test_a_step_of_a_later_stage_is_booked_under_that_stage(tmp_path):
+    c = _booking(tmp_path, "stages=[{name: a, steps: 4, sources: [{kind: teacher}]}, {name: b, steps: 5}]")
+    c._trained(_planned(4), _result(version=5), version_before=4, t_train=0.0)
+    c.metrics.close()
+    record = _records(tmp_path)[-1]
+    assert (record["stage"], record["step"]) == ("b", 5) and 0.0 <= record["step_time"] < 600.0
+
+
+def test_the_adaptive_probability_drives_the_draws_and_is_recorded(tmp_path, capsys):
+    c = _prepared(tmp_path, "run.steps=60", "run.eval_every=10", "data.eval_size=4",
+                  f"stages=[{{steps: 60, sources: {_ADAPTIVE}, adaptive: {{}}}}]")
+    for value in (3.0, 1.0, 2.0):  # the schedule's reference is the last evaluation before the stage
+        c._evaluated({"student_nll_on_teacher": value}, seconds=0.0)
+    assert "eval step 0: student_nll_on_teacher 2.000" in capsys.readouterr().err
+    schedule = c._schedule(0)
+    assert (schedule.probability, schedule.reference) == (0.1, 2.0)
+    schedule.probability = 1.0
+    plans = [c._plan(i) for i in range(30)]
+    assert all(s[0].kind == "student" and p.student_probability == 1.0 for p, s in plans)
+    schedule.probability = 0.0
+    assert all(c._plan(i)[1][0].kind == "teacher" for i in range(30))
+    c.replay.append(plans[0][0])
+    c.recipe.batch.replay.probability = 1.0
+    assert [c._plan(i)[0].index for i in (7, 8)] == [7, 8]  # a replay is booked as the step it stands for
+
+
+def test_look_ahead_ends_at_the_stage_end_after_several_stages_and_follows_other_source_layouts(tmp_path):
+    from csd_ray.config import SourceConfig
+
+    cached = "{kind: teacher, greedy: true, cache: 40}"
+    c = _prepared(tmp_path, "batch.prompts_per_step=2", "trainer.num_ranks=1", "run.steps=9",
+                  f"stages=[{{steps: 2, sources: [{cached}]}}, {{steps: 3, sources: [{cached}]}}, "
+                  f"{{steps: 2, source_mode: all, sources: [{cached}, {{kind: student}}]}}, "
+                  f"{{steps: 2, sources: [{{kind: teacher, greedy: true, cache: 1, probability: 0.5}}, {{kind: student, probability: 0.5}}]}}]")
+    second = c.recipe.stages[1].sources[0]
+    assert [e.index for e in c._upcoming_for_source(second, 2)] == [e.index for e in c.stream.peek(4)]  # to step 5
+    both = c.recipe.stages[2].sources[0]  # source_mode all, first of two: the blocks the student leaves
+    ahead = c.stream.peek(4)
+    assert [e.index for e in c._upcoming_for_source(both, 5)] == [e.index for e in ahead[2:4]]
+    sampled = c.recipe.stages[3].sources[0]  # 'sample' mode: whichever source draws next; cache 1
+    assert [e.index for e in c._upcoming_for_source(sampled, 7)] == [c.stream.peek(1)[0].index]
+    stranger = SourceConfig(kind="teacher", greedy=True, cache=3)  # not one of the stage's sources
+    assert [e.index for e in c._upcoming_for_source(stranger, 5)] == [e.index for e in c.stream.peek(2)]
+
+
+def test_a_checkpoint_keeps_adaptive_schedules_and_replayed_rollouts_for_the_resumed_run(tmp_path, ray_session):
+    from csd_ray.controller import Group, PlannedStep
+    from csd_ray.evaluation import response_tokens
+    from csd_ray.rollout import rollout_from_tokens
+
+    overrides = ("run.steps=6", "run.eval_every=2", "data.eval_size=4", "batch.replay.capacity=2",
+                 f"stages=[{{steps: 2, sources: [{{kind: teacher}}]}}, {{steps: 4, sources: {_ADAPTIVE}, adaptive: {{}}}}]")
+    c = _prepared(tmp_path, *overrides)
+    c.step, c.version = 4, 4
+    c._schedule(2).load_state({"probability": 0.3, "reference": 1.25})
+    rollout = rollout_from_tokens([[1, 2], [3]], [[4, 5, 6], [7]], 0, weight_version=3)
+    teacher = rollout.input_ids.float()  # what a teacher's score would be: any tensor travels the same way
+    c.replay.append(PlannedStep(3, [Group("student", [ray_session.put(rollout)], [ray_session.put(teacher)], 0.5, 19)], 12))
+    final = c._publish_checkpoint(*_trainer_side(tmp_path, 4))
+    fresh = _prepared(tmp_path / "resumed", *overrides)
+    fresh._restored(final, [4, 4])
+    assert (fresh.step, fresh.version, fresh.synced_version, fresh.resumed_from) == (4, 4, -1, final)
+    assert list(fresh.adaptive) == [1] and fresh.adaptive[1].state() == {"probability": 0.3, "reference": 1.25}
+    assert fresh.adaptive[1].config == c.recipe.stages[1].adaptive
+    (step,) = fresh.replay
+    (group,) = step.groups
+    assert (step.index, step.max_new_tokens, group.source, group.loss_weight, group.rollout_id) == (3, 12, "student", 0.5, 19)
+    back = ray_session.get(group.rollouts[0])
+    assert response_tokens(back) == [[4, 5, 6], [7]] and back.weight_version == 3
+    assert torch.equal(ray_session.get(group.teacher[0]), teacher)
