@@ -24,6 +24,7 @@ from csd_ray.logits import LogitTransform, logit_transform, verify_logits
 from csd_ray.losses import get_loss
 from csd_ray.models import decoder_layers, dtype_of, load_model, load_tokenizer, position_ids
 from csd_ray.rollout import Rollout, TeacherOutput, concat_rollouts, micro_batches, packed_layout, trimmed
+from csd_ray.schema import to_dict
 from csd_ray.export import export_hf_folder
 from csd_ray.workers.hf_generate import actor_info, configure_process
 
@@ -177,10 +178,9 @@ class TrainerRank:
         model = load_model(self.recipe.student_model, self.tokenizer, dtype="float32").train()
         verify_logits(model, f"student model '{self.recipe.student_model.path}'")
         self._losses: dict = {}
-        loss = get_loss(cfg.loss.name, vocab_size=len(self.tokenizer), chunk_size=cfg.loss.chunk_size or None, **cfg.loss.params)
         if cfg.activation_checkpointing:  # recompute each decoder layer in backward (non-reentrant: FSDP2-safe)
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.module = StudentLoss(model, loss, cfg.loss.average, packing=cfg.packing).to(self.device)
+        self.module = StudentLoss(model, self._loss(to_dict(cfg.loss)), cfg.loss.average, packing=cfg.packing).to(self.device)
         # bf16/fp16 compute with fp32 gradient reduction and fp32 master weights (FSDP2's mixed precision).
         mp = MixedPrecisionPolicy(param_dtype=dtype_of(cfg.param_dtype), reduce_dtype=torch.float32)
         for layer in decoder_layers(model):
@@ -204,14 +204,18 @@ class TrainerRank:
         lo, hi = self.rank * per_rank, (self.rank + 1) * per_rank
         return rollout.select(lo, hi), teacher.select(lo, hi)
 
+    def _loss(self, spec: dict):
+        """The loss of a recipe's or a stage's ``loss`` section (as a dict), built once per spec."""
+        key = repr(sorted(spec.items()))
+        if key not in self._losses:
+            self._losses[key] = get_loss(spec["name"], vocab_size=len(self.tokenizer),
+                                         chunk_size=spec.get("chunk_size") or None, **spec.get("params", {}))
+        return self._losses[key]
+
     def _use(self, loss: Optional[dict], lr: Optional[float]) -> None:
         """Switch to a stage's loss and peak learning rate (losses cached by their spec)."""
         if loss is not None:
-            key = repr(sorted(loss.items()))
-            if key not in self._losses:
-                self._losses[key] = get_loss(loss["name"], vocab_size=len(self.tokenizer),
-                                             chunk_size=loss.get("chunk_size") or None, **loss.get("params", {}))
-            self.module.loss = self._losses[key]
+            self.module.loss = self._loss(loss)
             self.module.average = loss.get("average", "token")
         if lr is not None:
             self.scheduler.base_lrs = [lr for _ in self.scheduler.base_lrs]
