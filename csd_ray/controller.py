@@ -107,6 +107,7 @@ class Controller:
         self.attempt = 0  # bumps on every recovery, so redone work gets new rollout ids
         self.nonfinite_in_a_row = 0
         self.resumed_from: Optional[Path] = None
+        self.restored_evaluation: Optional[dict] = None  # the last evaluation before the checkpoint resumed from
         self.prepared = False
 
     # ---- set-up --------------------------------------------------------------------------
@@ -442,11 +443,12 @@ class Controller:
 
     def _adaptive_evaluation_due(self) -> bool:
         """Whether a resumed run must redo the evaluation at its checkpoint's step: an adaptive
-        schedule reads it, and the original run made it just after writing the checkpoint (or,
-        stopped by a signal, never made it, where an uninterrupted run would have)."""
-        run = self.recipe.run
+        schedule reads it (that of the steps just trained, or, at an adaptive stage's first step, as
+        its reference), and the original run made it just after writing the checkpoint (or, stopped
+        by a signal, never made it, where an uninterrupted run would have)."""
+        run, stages = self.recipe.run, (self.recipe.stage_at(self.step - 1), self.recipe.stage_at(self.step))
         return bool(0 < self.step < run.steps and run.eval_every and self.step % run.eval_every == 0
-                    and self.recipe.stage_at(self.step - 1).adaptive is not None)
+                    and any(stage.adaptive is not None for stage in stages))
 
     def _schedule(self, index: int) -> Optional[AdaptiveSchedule]:
         """The adaptive schedule of step ``index``'s stage, if it has one; made when the stage's
@@ -457,9 +459,15 @@ class Controller:
         key = self.recipe.stage_index(index)
         if key not in self.adaptive:
             initial = next(s.probability for s in stage.sources if s.kind == "student")
-            last = self.eval_history[-1].get(stage.adaptive.metric) if self.eval_history else None
-            self.adaptive[key] = AdaptiveSchedule(stage.adaptive, initial, last)
+            last = self._last_evaluation(index)
+            self.adaptive[key] = AdaptiveSchedule(stage.adaptive, initial, last.get(stage.adaptive.metric) if last else None)
         return self.adaptive[key]
+
+    def _last_evaluation(self, step: int) -> Optional[dict]:
+        """The newest evaluation made at or before ``step`` (its metrics, with "step"): this run's,
+        or before it resumed, the one its checkpoint kept; None if there was none."""
+        made = [h for h in getattr(self, "eval_history", []) if h["step"] <= step]
+        return made[-1] if made else self.restored_evaluation
 
     def _max_new_tokens(self, index: int, limit: int) -> int:
         cur = self.recipe.batch.curriculum
@@ -623,7 +631,9 @@ class Controller:
         pending = getattr(self, "_pending", None)
         stream = pending[0].stream_before if pending else self.stream.state()
         state = {"step": self.step, "version": self.version, "stream": stream,
-                 "adaptive": {str(k): v.state() for k, v in self.adaptive.items()}}
+                 "adaptive": {str(k): v.state() for k, v in self.adaptive.items()},
+                 # A stage's schedule not made yet takes the last evaluation before it as reference.
+                 "last_eval": self._last_evaluation(self.step)}
         state["fingerprint"] = fingerprint(self.recipe)
         (tmp / "controller.json").write_text(json.dumps(state))
         if self.replay:  # a resumed run must replay the same rollouts with the same draws
@@ -673,6 +683,7 @@ class Controller:
         self.step, self.version = state["step"], versions[0]
         self.stream.load_state(state["stream"])
         self.adaptive.clear()
+        self.restored_evaluation = state.get("last_eval")
         for key, saved in state.get("adaptive", {}).items():
             self.adaptive[int(key)] = AdaptiveSchedule(self.recipe.stages[int(key)].adaptive, 0.0)
             self.adaptive[int(key)].load_state(saved)

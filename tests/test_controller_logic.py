@@ -273,7 +273,8 @@ def test_a_published_checkpoint_is_complete_and_restores_the_controller(tmp_path
     assert final == tmp_path / "checkpoints" / "step_000004"
     assert sorted(p.name for p in final.iterdir()) == ["COMPLETE", "controller.json", "shard"]
     assert json.loads((final / "controller.json").read_text()) == {
-        "step": 4, "version": 3, "stream": {"epoch": 1, "cursor": 3}, "adaptive": {}, "fingerprint": fingerprint(c.recipe)}
+        "step": 4, "version": 3, "stream": {"epoch": 1, "cursor": 3}, "adaptive": {}, "last_eval": None,
+        "fingerprint": fingerprint(c.recipe)}
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
     # Steps launched ahead drew prompts already: the checkpoint keeps where the first untrained one began.
     c.step, c.version = 6, 6
@@ -499,3 +500,41 @@ def test_an_evaluation_is_logged_and_drives_the_adaptive_schedule_of_the_steps_j
     evals = [r for r in _records(tmp_path) if r.get("kind") == "eval"]
     assert [(r["step"], r["eval/teacher_nll"], r["eval/seconds"]) for r in evals] == [(0, 4.0, 1.5), (2, 5.0, 1.0), (4, 5.5, 1.0)]
     assert evals[0]["eval/rouge_l"] == 0.5 and [h["step"] for h in c.eval_history] == [0, 2, 4]
+
+
+ADAPTIVE_AFTER_SFT = ("stages=[{steps: 2, sources: [{kind: dataset}]}, {steps: 4, sources: [{kind: student, probability: 0.0}, "
+                      "{kind: dataset, probability: 1.0}], adaptive: {increment: 0.3, tolerance: -100}}]")
+
+
+def _adaptive_steps(c, start, evaluations, checkpoint_at=None):
+    """The loop's bookkeeping from step ``start`` to the run's end, without actors: at each step
+    boundary the checkpoint (``checkpoint_at``), then the evaluation (``evaluations[step]``, what it
+    measures), precede the step's plan, as in _trained then train(). Returns φ of each step's plan."""
+    phis = {}
+    for s in range(start, c.recipe.run.steps):
+        c.step = s
+        if s == checkpoint_at:
+            c._publish_checkpoint(*_trainer_side(c.run_dir, s))
+        if s in evaluations and (s > start or s == 0 or c._adaptive_evaluation_due()):
+            c._evaluated({"student_nll_on_teacher": evaluations[s]}, seconds=0.0)
+        phis[s] = c._plan(s)[0].student_probability
+    return phis
+
+
+@pytest.mark.parametrize("eval_every", [2, 4])
+def test_a_run_resumed_where_an_adaptive_stage_begins_draws_as_the_uninterrupted_one(tmp_path, eval_every):
+    """The schedule's reference is the last evaluation before its stage: a run resumed from a
+    checkpoint at the stage's first step must have it, whether that evaluation came right after the
+    checkpoint (redone, eval_every=2) or before it (kept in the checkpoint, eval_every=4)."""
+    overrides = ("run.steps=6", f"run.eval_every={eval_every}", "data.eval_size=4", ADAPTIVE_AFTER_SFT)
+    evaluations = {s: 5.0 + s for s in range(0, 6, eval_every)}  # every one worse: φ rises at each one after the first
+    whole = _prepared(tmp_path / "a", *overrides)
+    uninterrupted = _adaptive_steps(whole, 0, evaluations, checkpoint_at=2)
+    assert uninterrupted[5] == pytest.approx(0.3)
+    resumed = _prepared(tmp_path / "b", *overrides)
+    resumed._restored(tmp_path / "a" / "checkpoints" / "step_000002", [2])
+    assert resumed._adaptive_evaluation_due() == (eval_every == 2)
+    phis = _adaptive_steps(resumed, 2, evaluations)
+    assert phis == {s: pytest.approx(uninterrupted[s]) for s in range(2, 6)}
+    whole.metrics.close()
+    resumed.metrics.close()
