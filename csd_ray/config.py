@@ -530,12 +530,18 @@ class Recipe:
         if stage.source_mode != "sample" or len(students) != 1 or len(stage.sources) < 2:
             raise located.error(f"{key}.adaptive", "needs source_mode 'sample' with one 'student' source and at least one "
                                 f"other source, got {[s.kind for s in stage.sources]} in mode '{stage.source_mode}'")
-        if not (0 < a.increment <= 1 and 0 <= a.maximum <= 1 and math.isfinite(a.tolerance)):
-            raise located.error(f"{key}.adaptive", f"increment must be in (0, 1], maximum in [0, 1] and tolerance finite, "
-                                f"got {a.increment}, {a.maximum}, {a.tolerance}")
+        if not 0 < a.increment <= 1:
+            raise located.error(f"{key}.adaptive.increment", f"must be in (0, 1], got {a.increment}")
+        if not 0 <= a.maximum <= 1:
+            raise located.error(f"{key}.adaptive.maximum", f"must be in [0, 1], got {a.maximum}")
+        if not math.isfinite(a.tolerance):
+            raise located.error(f"{key}.adaptive.tolerance", f"must be a finite number, got {a.tolerance}")
         if students[0].probability > a.maximum:
             raise located.error(f"{key}.sources", f"the student source's probability (the initial φ, {students[0].probability}) "
                                 f"exceeds adaptive.maximum = {a.maximum}")
+        if students[0].probability == a.maximum:  # φ starts at its cap: the schedule would never change a draw
+            raise located.error(f"{key}.adaptive.maximum", f"must exceed the student source's probability (the initial φ), "
+                                f"{students[0].probability}, or φ can never rise; got {a.maximum}")
         if not self.run.eval_every or not self.data.eval_size:
             raise located.error(f"{key}.adaptive", "is driven by held-out evaluations: set run.eval_every > 0 and "
                                 f"data.eval_size > 0 (got {self.run.eval_every} and {self.data.eval_size})")

@@ -258,14 +258,14 @@ def _convert(tp: Any, value: Any, key: str, located: Located) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
+        options = [arg for arg in args if arg is not type(None)]
+        if len(options) == 1:  # Optional[X]: X's own message names the key inside (a section's field, a choice)
+            return _convert(options[0], value, key, located)
+        for arg in options:
             try:
                 return _convert(arg, value, key, located)
-            except ConfigError as exc:
-                errors.append(exc)
+            except ConfigError:
+                pass
         raise located.error(key, f"expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         choices = typing.get_args(tp)

@@ -71,13 +71,23 @@ MIXED = "[{kind: student, probability: 0.0}, {kind: dataset, probability: 1.0}]"
     ("all", MIXED, "{}", [], "needs source_mode 'sample'"),
     ("sample", "[{kind: dataset}]", "{}", [], "one 'student' source"),
     ("sample", "[{kind: student}]", "{}", [], "at least one other source"),
-    ("sample", MIXED, "{increment: 0}", [], "increment must be in (0, 1]"),
-    ("sample", MIXED, "{maximum: 1.5}", [], "maximum in [0, 1]"),
+    ("sample", MIXED, "{increment: 0}", [], "stages[0].adaptive.increment: must be in (0, 1], got 0.0"),
+    ("sample", MIXED, "{increment: -0.1}", [], "stages[0].adaptive.increment: must be in (0, 1], got -0.1"),
+    ("sample", MIXED, "{increment: 2}", [], "stages[0].adaptive.increment: must be in (0, 1], got 2.0"),
+    ("sample", MIXED, "{maximum: 1.5}", [], "stages[0].adaptive.maximum: must be in [0, 1], got 1.5"),
+    ("sample", MIXED, "{maximum: -1}", [], "stages[0].adaptive.maximum: must be in [0, 1], got -1.0"),
+    ("sample", MIXED, "{tolerance: .nan}", [], "stages[0].adaptive.tolerance: must be a finite number, got nan"),
+    ("sample", MIXED, "{tolerance: abc}", [], "stages[0].adaptive.tolerance: expected a number, got 'abc'"),
+    ("sample", MIXED, "{maximum: 0}", [], "stages[0].adaptive.maximum: must exceed the student source's probability "
+     "(the initial φ), 0.0, or φ can never rise; got 0.0"),
+    ("sample", MIXED, "{incremnt: 0.2}", [], "stages[0].adaptive.incremnt: unknown key 'incremnt' in section "
+     "'stages[0].adaptive'; did you mean 'increment'?"),
     ("sample", "[{kind: student, probability: 0.5}, {kind: dataset, probability: 0.5}]", "{maximum: 0.3}", [],
      "exceeds adaptive.maximum"),
     ("sample", MIXED, "{}", ["run.eval_every=0"], "set run.eval_every > 0"),
     ("sample", MIXED, "{}", ["data.eval_size=0"], "data.eval_size > 0"),
-    ("sample", MIXED, "{metric: accuracy}", [], "metric"),
+    ("sample", MIXED, "{metric: accuracy}", [], "stages[0].adaptive.metric: expected one of 'student_nll_on_teacher', "
+     "'teacher_nll', got 'accuracy'"),
 ])
 def test_adaptive_stages_that_could_not_work_are_refused(mode, sources, adaptive, extra, message):
     stage = STAGE.format(mode=mode, sources=sources, adaptive=adaptive)

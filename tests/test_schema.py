@@ -58,7 +58,7 @@ def test_values_convert_by_annotation():
     ({"name": 3}, "r.yaml:4: name: expected a string, got 3"),
     ({"mode": "asyn"}, "r.yaml:5: mode: expected one of 'sync', 'async', got 'asyn' (did you mean 'async'?)"),
     ({"mode": "zzz"}, "r.yaml:5: mode: expected one of 'sync', 'async', got 'zzz'"),
-    ({"maybe": "a"}, "r.yaml: maybe: expected int, got 'a'"),
+    ({"maybe": "a"}, "r.yaml: maybe: expected an integer, got 'a'"),
     ({"items": 3}, "r.yaml: items: expected list of float, got 3"),
     ({"items": [1, "b"]}, "r.yaml: items[1]: expected a number, got 'b'"),
     ({"extra": [1]}, "r.yaml: extra: expected a mapping, got [1]"),
