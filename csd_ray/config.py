@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from csd_ray.schema import ConfigError, Located, apply_override, build, load_yaml, resolve_references, to_dict
+from csd_ray.schema import ConfigError, Located, apply_override, build, load_yaml, resolve_references, to_dict, unshared
 
 
 #: Attention head sizes vLLM's CPU and GPU attention backends accept.
@@ -682,7 +682,7 @@ def recipe_from_dict(data: dict[str, Any], overrides: list[str] | tuple[str, ...
     """Like load_recipe, from an in-memory mapping (tests, notebooks)."""
     import copy
 
-    data = copy.deepcopy(data)
+    data = unshared(copy.deepcopy(data))  # one mapping used twice (as a YAML alias is) becomes two
     located = Located("<recipe>")
     defaults = to_dict(Recipe())
     for override in overrides:
