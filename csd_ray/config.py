@@ -237,10 +237,11 @@ class SourceConfig:
     """'teacher' only: generate responses for this many upcoming prompts at once, in one large
     batch per teacher replica, and draw each step's responses from them (teacher responses do not
     depend on the student, so a warm-up's can be made in a few big batches instead of one small
-    batch per step); 0 = generate each step's responses when the step is launched. Upcoming: this
-    source's next prompts within its stage (with source_mode 'sample' and several sources, the
-    stream's next ones, whichever source draws them). Each response trains once; a resumed run
-    makes its own, so sampled (non-greedy) ones differ from an uninterrupted run's."""
+    batch per step); 0 = generate each step's responses when the step is launched. Upcoming: the
+    prompts this source will draw within its stage, as the later steps' seeded draws give them to
+    it (a replayed step draws none; with source_mode 'sample' another source may draw a step's;
+    in an adaptive stage, at the current φ). Each response trains once; a resumed run makes its
+    own, so sampled (non-greedy) ones differ from an uninterrupted run's."""
 
 
 @dataclass
@@ -298,7 +299,7 @@ class AdaptiveSourceConfig:
     increment: float = 0.1
     """Rise of φ per triggering evaluation (DistiLLM: 0.1)."""
     maximum: float = 1.0
-    """Cap of φ."""
+    """Cap of φ; above the student source's probability (the initial φ)."""
     tolerance: float = 0.0
     """φ rises when metric >= reference + tolerance (nats per token); a negative tolerance makes it
     rise unless the metric improved by more than that margin."""

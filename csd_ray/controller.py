@@ -24,7 +24,7 @@ import torch
 import yaml
 
 from csd_ray.adaptive import AdaptiveSchedule
-from csd_ray.config import Recipe, SourceConfig
+from csd_ray.config import Recipe, SourceConfig, StageConfig
 from csd_ray.data import PromptStream, load_prompts
 from csd_ray.devices import actor_env
 from csd_ray.evaluation import Evaluator, closing_table, format_eval, response_tokens
@@ -428,18 +428,27 @@ class Controller:
         rng = random.Random(r.run.seed * 7919 + index)
         stage = r.stage_at(index)
         stream_before = self.stream.state()
-        if self.replay and rng.random() < r.batch.replay.probability:
+        schedule = self._schedule(index)
+        sources = self._draw(rng, stage, bool(self.replay), schedule)
+        if sources is None:
             old = rng.choice(list(self.replay))
             return PlannedStep(index, old.groups, old.max_new_tokens, replayed=True, stream_before=stream_before), []
-        schedule = self._schedule(index)
-        if stage.source_mode == "all":
-            sources = list(stage.sources)
-        else:
-            weights = schedule.weights(stage.sources) if schedule else [s.probability for s in stage.sources]
-            sources = [rng.choices(stage.sources, weights=weights)[0]]
         planned = PlannedStep(index, [], self._max_new_tokens(index, stage.max_new_tokens), stream_before=stream_before,
                               student_probability=schedule.probability if schedule else None)
         return planned, sources
+
+    def _draw(self, rng: random.Random, stage: StageConfig, replay_filled: bool,
+              schedule: Optional[AdaptiveSchedule]) -> Optional[list[SourceConfig]]:
+        """A step's draw with its ``rng``: None for a replay (possible once the buffer holds a step),
+        else the sources it trains on (source_mode 'all': each; 'sample': one, by probability, or
+        by φ of the stage's adaptive ``schedule``). _plan makes the draws; the teacher cache
+        predicts them with it."""
+        if replay_filled and rng.random() < self.recipe.batch.replay.probability:
+            return None
+        if stage.source_mode == "all":
+            return list(stage.sources)
+        weights = schedule.weights(stage.sources) if schedule else [s.probability for s in stage.sources]
+        return [rng.choices(stage.sources, weights=weights)[0]]
 
     def _adaptive_evaluation_due(self) -> bool:
         """Whether a resumed run must redo the evaluation at its checkpoint's step: an adaptive
@@ -556,10 +565,12 @@ class Controller:
         return todo
 
     def _upcoming_for_source(self, src: SourceConfig, index: int) -> list:
-        """The prompts ``src`` will draw after step ``index``'s, at most ``src.cache`` of them and
-        none beyond the stage, without moving the stream: with source_mode 'all' every source draws
-        ``prompts_per_step`` prompts each step in list order, so only this source's are taken; with
-        'sample' the next prompts of the stream, whichever source draws them."""
+        """The prompts ``src`` will draw after its draw of step ``index``, at most ``src.cache`` of
+        them and none beyond the stage, without moving the stream. The later steps' draws are
+        made as _plan will make them (same seeds): a replayed step draws no prompts; with
+        source_mode 'all' each source draws ``prompts_per_step`` in list order, with 'sample' the
+        drawn source does. In an adaptive stage φ can only rise, so the draws at the current φ
+        may include steps that will go to the student source instead."""
         r = self.recipe
         stage, per = r.stage_at(index), r.batch.prompts_per_step
         end = 0
@@ -569,18 +580,28 @@ class Controller:
                 break
         else:
             end = r.run.steps
-        count = min(src.cache, (end - index - 1) * per)
-        if count <= 0:
+        if src.cache <= 0 or index + 1 >= end:
             return []
-        if stage.source_mode != "all" or len(stage.sources) == 1:
-            return self.stream.peek(count)
-        m = len(stage.sources)
-        j = next((k for k, s in enumerate(stage.sources) if s is src), None)
-        if j is None:  # not one of the stage's own sources (a schedule made it): no pattern to follow
-            return self.stream.peek(count)
-        skip = (m - 1 - j) * per  # the later sources of this step draw first; then, each step, block j of m
-        ahead = self.stream.peek(skip + -(-count // per) * m * per)
-        return [e for o, e in enumerate(ahead) if o >= skip and ((o - skip) // per) % m == j][:count]
+        if not any(s is src for s in stage.sources):  # not one of the stage's own sources: no pattern to follow
+            return self.stream.peek(min(src.cache, (end - index - 1) * per))
+        schedule = self.adaptive.get(r.stage_index(index))
+        # Off-policy steps launch one step ahead (overlap_offpolicy): step j starts once the steps
+        # before j - ahead have trained, and the replay buffer holds a step once one has trained.
+        on_policy = any(s.kind == "student" for s in stage.sources)
+        ahead = 1 if not on_policy and r.run.overlap_offpolicy else 0
+        offset, positions = 0, []  # stream positions from here on; those src draws
+        if stage.source_mode == "all":  # the sources after src in step index's list draw first
+            offset = per * (len(stage.sources) - 1 - next(k for k, s in enumerate(stage.sources) if s is src))
+        for j in range(index + 1, end):
+            if len(positions) >= src.cache:
+                break
+            filled = bool(self.replay) or (r.batch.replay.capacity > 0 and j - ahead > self.step)
+            for drawn in self._draw(random.Random(r.run.seed * 7919 + j), stage, filled, schedule) or []:
+                if drawn is src:
+                    positions += range(offset, offset + per)
+                offset += per
+        ahead_examples = self.stream.peek(offset)
+        return [ahead_examples[o] for o in positions[: src.cache]]
 
     # ---- weights, checkpoints, the end ---------------------------------------------------------
     def _sync(self, block: bool) -> float:

@@ -538,3 +538,53 @@ def test_a_run_resumed_where_an_adaptive_stage_begins_draws_as_the_uninterrupted
     assert phis == {s: pytest.approx(uninterrupted[s]) for s in range(2, 6)}
     whole.metrics.close()
     resumed.metrics.close()
+
+
+def _cached_run(c):
+    """The launches of a whole run as train() makes them (in _may_launch's order), with the teacher
+    cache filled as _fill_teacher_cache fills it (a distinct response per entry) and each step
+    booked as trained: (responses generated per batch, teacher responses trained)."""
+    from collections import deque
+
+    from csd_ray.evaluation import response_tokens
+
+    generated, trained, pending, next_launch = [], 0, deque(), 0
+    b, steps = c.recipe.batch, c.recipe.run.steps
+    while c.step < steps:
+        while next_launch < steps and c._may_launch(next_launch):
+            planned, sources = c._plan(next_launch)
+            for src in sources:
+                examples = [e for e in c.stream.next_batch(b.prompts_per_step) for _ in range(b.samples_per_prompt)]
+                if src.kind == "teacher":
+                    todo = c._cache_todo(src, examples, next_launch)
+                    cache = c.teacher_cache[(src.greedy, c.recipe.stage_at(next_launch).max_new_tokens)]
+                    for e in todo:
+                        cache.setdefault(e.index, []).append([1000 + sum(generated) + len(cache)])
+                    if todo:
+                        generated.append(len(todo))
+                    trained += len(response_tokens(c._offpolicy_rollout(src, examples, next_launch, 8)))
+            pending.append(planned)
+            next_launch += 1
+        planned = pending.popleft()
+        if b.replay.capacity and not planned.replayed:
+            c.replay.append(planned)
+        c.step = planned.index + 1
+    return generated, trained
+
+
+@pytest.mark.parametrize("sources, extra", [
+    ("[{kind: teacher, greedy: true, cache: 100}]", ["batch.replay.capacity=2", "batch.replay.probability=0.5"]),
+    ("[{kind: student, probability: 0.5}, {kind: teacher, greedy: true, cache: 100, probability: 0.5}]", []),
+    ("[{kind: dataset, probability: 0.5}, {kind: teacher, cache: 6, probability: 0.5}]",
+     ["batch.replay.capacity=3", "batch.replay.probability=0.3", "batch.samples_per_prompt=2"]),
+    ("[{kind: teacher, cache: 5}, {kind: student}]", ["stages.0.source_mode=all", "batch.replay.capacity=2",
+                                                       "batch.replay.probability=0.5"]),
+])
+def test_a_cached_teacher_generates_only_what_its_own_draws_will_train(tmp_path, sources, extra):
+    """Replayed steps draw no prompts and, with source_mode 'sample', other sources draw some: the
+    cache looks ahead at the draws _plan will make, so everything generated trains, once."""
+    c = _prepared(tmp_path, "run.steps=0", "batch.prompts_per_step=2", "trainer.num_ranks=1",
+                  f"stages=[{{steps: 12, sources: {sources}}}]", *extra)
+    generated, trained = _cached_run(c)
+    assert sum(generated) == trained > 0 and len(generated) < 12
+    assert all(not cached for cached in c.teacher_cache.values())
