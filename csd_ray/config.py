@@ -294,7 +294,8 @@ class AdaptiveSourceConfig:
     φ, the chance a step draws the stage's student source, starts at that source's
     ``probability`` and rises by ``increment`` (up to ``maximum``) at each held-out evaluation
     whose ``metric`` is worse than the reference by at least ``tolerance``; the other sources
-    share 1 − φ in proportion to their probabilities. Needs run.eval_every > 0."""
+    share 1 − φ in proportion to their probabilities. Needs run.eval_every > 0, small enough that
+    an evaluation falls between two of the stage's steps."""
 
     increment: float = 0.1
     """Rise of φ per triggering evaluation (DistiLLM: 0.1)."""
@@ -525,7 +526,8 @@ class Recipe:
             if abs(total - 1.0) > 1e-6:
                 raise located.error(key, f"with source_mode 'sample' the probabilities must sum to 1, got {total:g}")
 
-    def _validate_adaptive(self, stage: "StageConfig", key: str, located: Located) -> None:
+    def _validate_adaptive(self, stage: "StageConfig", start: int, key: str, located: Located) -> None:
+        """``stage`` (inherited fields filled in) begins at step ``start``."""
         a = stage.adaptive
         students = [s for s in stage.sources if s.kind == "student"]
         if stage.source_mode != "sample" or len(students) != 1 or len(stage.sources) < 2:
@@ -546,6 +548,13 @@ class Recipe:
         if not self.run.eval_every or not self.data.eval_size:
             raise located.error(f"{key}.adaptive", "is driven by held-out evaluations: set run.eval_every > 0 and "
                                 f"data.eval_size > 0 (got {self.run.eval_every} and {self.data.eval_size})")
+        # φ changes a draw only after an evaluation between two of the stage's steps: one after
+        # step start + s for s in 1..steps-1 (the one after its last step comes too late).
+        every, inside = self.run.eval_every, stage.steps - 1
+        if (start + inside) // every * every <= start:
+            fix = f"set run.eval_every <= {inside}" if inside else "give the stage at least 2 steps"
+            raise located.error(f"{key}.adaptive", f"no held-out evaluation falls between the stage's steps {start + 1}.."
+                                f"{start + stage.steps} with run.eval_every={every}, so φ could never change a draw; {fix}")
 
     def validate(self, located: Located) -> None:
         run, batch = self.run, self.batch
@@ -642,7 +651,8 @@ class Recipe:
                 self._validate_sources(stage.sources, stage.source_mode or batch.source_mode, f"stages[{i}].sources", located)
         for i, stage in enumerate(self.stages):
             if stage.adaptive is not None:
-                self._validate_adaptive(self.stage_at(sum(s.steps for s in self.stages[:i])), f"stages[{i}]", located)
+                start = sum(s.steps for s in self.stages[:i])
+                self._validate_adaptive(self.stage_at(start), start, f"stages[{i}]", located)
         if batch.replay.capacity < 0 or not 0 <= batch.replay.probability <= 1:
             raise located.error("batch.replay", "capacity must be >= 0 and probability in [0, 1]")
         if batch.replay.probability > 0 and batch.replay.capacity == 0:
