@@ -81,7 +81,8 @@ class PlannedStep:
     stream_before: Optional[dict] = None
     """Prompt-stream position before this step drew its prompts (to redo lost work exactly)."""
     student_probability: Optional[float] = None
-    """φ this step's source was drawn with, in a stage with an adaptive schedule."""
+    """φ at this step, in a stage with an adaptive schedule (what its source was drawn with, or
+    would have been for a replayed step)."""
 
 
 class Controller:
@@ -429,12 +430,14 @@ class Controller:
         stage = r.stage_at(index)
         stream_before = self.stream.state()
         schedule = self._schedule(index)
+        phi = schedule.probability if schedule else None  # logged for a replayed step too: φ at every step of the stage
         sources = self._draw(rng, stage, bool(self.replay), schedule)
         if sources is None:
             old = rng.choice(list(self.replay))
-            return PlannedStep(index, old.groups, old.max_new_tokens, replayed=True, stream_before=stream_before), []
+            return PlannedStep(index, old.groups, old.max_new_tokens, replayed=True, stream_before=stream_before,
+                               student_probability=phi), []
         planned = PlannedStep(index, [], self._max_new_tokens(index, stage.max_new_tokens), stream_before=stream_before,
-                              student_probability=schedule.probability if schedule else None)
+                              student_probability=phi)
         return planned, sources
 
     def _draw(self, rng: random.Random, stage: StageConfig, replay_filled: bool,

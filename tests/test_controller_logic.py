@@ -588,3 +588,15 @@ def test_a_cached_teacher_generates_only_what_its_own_draws_will_train(tmp_path,
     generated, trained = _cached_run(c)
     assert sum(generated) == trained > 0 and len(generated) < 12
     assert all(not cached for cached in c.teacher_cache.values())
+
+
+def test_phi_is_logged_at_every_step_of_an_adaptive_stage_replayed_ones_included(tmp_path):
+    from csd_ray.controller import Group, PlannedStep
+
+    c = _prepared(tmp_path, "run.steps=0", "run.eval_every=1", "data.eval_size=2", "batch.replay.capacity=2",
+                  "batch.replay.probability=0.5", "stages=[{steps: 40, sources: [{kind: student, probability: 0.25}, "
+                  "{kind: dataset, probability: 0.75}], adaptive: {}}]")
+    c.replay.append(PlannedStep(0, [Group("student", ["r"], ["t"], 1.0, 7)], 9))
+    plans = [c._plan(i)[0] for i in range(40)]
+    assert 0 < sum(p.replayed for p in plans) < 40
+    assert all(p.student_probability == 0.25 for p in plans)
