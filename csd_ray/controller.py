@@ -708,9 +708,11 @@ class Controller:
         self.stream.load_state(state["stream"])
         self.adaptive.clear()
         self.restored_evaluation = state.get("last_eval")
+        stages = self.recipe.stages
         for key, saved in state.get("adaptive", {}).items():
-            self.adaptive[int(key)] = AdaptiveSchedule(self.recipe.stages[int(key)].adaptive, 0.0)
-            self.adaptive[int(key)].load_state(saved)
+            if int(key) < len(stages) and stages[int(key)].adaptive is not None:  # (the recipe may have changed since)
+                self.adaptive[int(key)] = AdaptiveSchedule(stages[int(key)].adaptive, 0.0)
+                self.adaptive[int(key)].load_state(saved)
         self.replay.clear()
         if (path / "replay.pt").exists():
             self.replay.extend(_from_disk(p) for p in torch.load(path / "replay.pt", weights_only=False))

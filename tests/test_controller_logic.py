@@ -600,3 +600,18 @@ def test_phi_is_logged_at_every_step_of_an_adaptive_stage_replayed_ones_included
     plans = [c._plan(i)[0] for i in range(40)]
     assert 0 < sum(p.replayed for p in plans) < 40
     assert all(p.student_probability == 0.25 for p in plans)
+
+
+def test_a_checkpoint_resumes_under_a_recipe_whose_stages_changed(tmp_path):
+    """The fingerprint leaves stages free: schedules of stages that are gone, or no longer
+    adaptive, are dropped; one that still is continues."""
+    recipe = smoke_recipe(tmp_path, "run.steps=9")
+    saved = {"0": {"probability": 0.4, "reference": 3.0}, "1": {"probability": 0.7, "reference": 2.0},
+             "5": {"probability": 0.9, "reference": 1.0}}
+    path = _checkpoint(tmp_path, 4, recipe, stream={"epoch": 0, "cursor": 8}, adaptive=saved)
+    c = _prepared(tmp_path / "b", "run.steps=0", "run.eval_every=1", "data.eval_size=2",
+                  "stages=[{steps: 5, sources: [{kind: dataset}]}, {steps: 4, sources: [{kind: student, probability: 0.1}, "
+                  "{kind: dataset, probability: 0.9}], adaptive: {}}]")
+    c._restored(path, [4])
+    assert list(c.adaptive) == [1] and (c.adaptive[1].probability, c.adaptive[1].reference) == (0.7, 2.0)
+    assert c._plan(5)[0].student_probability == 0.7
