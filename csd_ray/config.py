@@ -240,7 +240,7 @@ class SourceConfig:
     batch per step); 0 = generate each step's responses when the step is launched. Upcoming: the
     prompts this source will draw within its stage, as the later steps' seeded draws give them to
     it (a replayed step draws none; with source_mode 'sample' another source may draw a step's;
-    in an adaptive stage, at the current φ). Each response trains once; a resumed run makes its
+    in an adaptive stage, up to the next evaluation, which may change φ). Each response trains once; a resumed run makes its
     own, so sampled (non-greedy) ones differ from an uninterrupted run's."""
 
 

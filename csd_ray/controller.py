@@ -572,8 +572,7 @@ class Controller:
         them and none beyond the stage, without moving the stream. The later steps' draws are
         made as _plan will make them (same seeds): a replayed step draws no prompts; with
         source_mode 'all' each source draws ``prompts_per_step`` in list order, with 'sample' the
-        drawn source does. In an adaptive stage φ can only rise, so the draws at the current φ
-        may include steps that will go to the student source instead."""
+        drawn source does. In an adaptive stage only up to the next evaluation, which may change φ."""
         r = self.recipe
         stage, per = r.stage_at(index), r.batch.prompts_per_step
         end = 0
@@ -583,6 +582,8 @@ class Controller:
                 break
         else:
             end = r.run.steps
+        if stage.adaptive is not None:  # φ changes only at an evaluation: the draws are known up to the next one
+            end = min(end, (index // r.run.eval_every + 1) * r.run.eval_every)
         if src.cache <= 0 or index + 1 >= end:
             return []
         if not any(s is src for s in stage.sources):  # not one of the stage's own sources: no pattern to follow

@@ -569,6 +569,8 @@ def _cached_run(c):
         if b.replay.capacity and not planned.replayed:
             c.replay.append(planned)
         c.step = planned.index + 1
+        if c.recipe.run.eval_every and c.step % c.recipe.run.eval_every == 0 and c.step < steps:
+            c._evaluated({"student_nll_on_teacher": float(c.step)}, seconds=0.0)  # worse each time
     return generated, trained
 
 
@@ -579,10 +581,13 @@ def _cached_run(c):
      ["batch.replay.capacity=3", "batch.replay.probability=0.3", "batch.samples_per_prompt=2"]),
     ("[{kind: teacher, cache: 5}, {kind: student}]", ["stages.0.source_mode=all", "batch.replay.capacity=2",
                                                        "batch.replay.probability=0.5"]),
+    ("[{kind: student, probability: 0.0}, {kind: teacher, greedy: true, cache: 100, probability: 1.0}]",
+     ["stages.0.adaptive={increment: 0.3, tolerance: -100}", "run.eval_every=3", "data.eval_size=2"]),
 ])
 def test_a_cached_teacher_generates_only_what_its_own_draws_will_train(tmp_path, sources, extra):
-    """Replayed steps draw no prompts and, with source_mode 'sample', other sources draw some: the
-    cache looks ahead at the draws _plan will make, so everything generated trains, once."""
+    """Replayed steps draw no prompts and, with source_mode 'sample', other sources draw some (in
+    an adaptive stage more of them after each evaluation, here every 3 steps): the cache looks
+    ahead at the draws _plan will make, so everything generated trains, once."""
     c = _prepared(tmp_path, "run.steps=0", "batch.prompts_per_step=2", "trainer.num_ranks=1",
                   f"stages=[{{steps: 12, sources: {sources}}}]", *extra)
     generated, trained = _cached_run(c)
