@@ -223,8 +223,11 @@ class Controller:
         # The evaluation judges the steps just trained: their stage's adaptive schedule takes it.
         schedule = self._schedule(self.step - 1) if self.step > 0 else None
         if schedule is not None and schedule.observe(metrics.get(schedule.config.metric)):
-            self.metrics.message(f"adaptive: held-out {schedule.config.metric} rose to {schedule.reference:.3f}; "
-                                 f"student samples now drawn with probability {schedule.probability:.2f}")
+            r = self.recipe
+            more = self.step < r.run.steps and r.stage_index(self.step) == r.stage_index(self.step - 1)
+            consequence = (f"student samples now drawn with probability {schedule.probability:.2f}" if more else
+                           f"φ {schedule.probability:.2f}, but no step of the stage is left to draw")
+            self.metrics.message(f"adaptive: held-out {schedule.config.metric} rose to {schedule.reference:.3f}; {consequence}")
         self.eval_history.append({"step": self.step, **metrics})
         self.metrics.log({"kind": "eval", "step": self.step, **{f"eval/{k}": v for k, v in metrics.items()},
                           "eval/seconds": seconds})

@@ -620,3 +620,17 @@ def test_a_checkpoint_resumes_under_a_recipe_whose_stages_changed(tmp_path):
     c._restored(path, [4])
     assert list(c.adaptive) == [1] and (c.adaptive[1].probability, c.adaptive[1].reference) == (0.7, 2.0)
     assert c._plan(5)[0].student_probability == 0.7
+
+
+def test_a_rise_after_an_adaptive_stage_is_over_does_not_claim_a_new_draw_probability(tmp_path, capsys):
+    c = _prepared(tmp_path, "run.steps=0", "run.eval_every=2", "data.eval_size=2",
+                  "stages=[{steps: 4, sources: [{kind: student, probability: 0.0}, {kind: dataset, probability: 1.0}], "
+                  "adaptive: {increment: 0.5, tolerance: -100}}, {steps: 2, sources: [{kind: dataset}]}]")
+    for step in (0, 2, 4):  # 4: after the stage's last step; the next stage has no schedule
+        c.step = step
+        c._evaluated({"student_nll_on_teacher": 1.0}, seconds=0.0)
+    err = capsys.readouterr().err
+    assert "rose to 1.000; student samples now drawn with probability 0.50" in err
+    assert "rose to 1.000; φ 1.00, but no step of the stage is left to draw" in err
+    assert "drawn with probability 1.00" not in err
+    c.metrics.close()
