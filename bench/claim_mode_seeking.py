@@ -15,7 +15,6 @@ is RKL's exactly); (T,S) keeps diversity when its entropy stays nearer the teach
 
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import sys
@@ -29,7 +28,7 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from claim_shift_invariance import rows_logits, sample, smollm2_setup  # noqa: E402  (same folder)
+from claim_shift_invariance import claim_arguments, rows_logits, sample, smollm2_setup  # noqa: E402  (same folder)
 
 from csd_ray.evaluation import distinct_n, response_tokens, self_bleu  # noqa: E402
 from csd_ray.losses import get_loss  # noqa: E402
@@ -46,13 +45,7 @@ def distribution_stats(t: torch.Tensor, z: torch.Tensor) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--train", type=int, default=8, help="training prompts (two teacher samples each, one batch)")
-    parser.add_argument("--eval", type=int, default=8, help="held-out prompts")
-    parser.add_argument("--steps", type=int, default=20, help="Adam steps per loss")
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--new-tokens", type=int, default=24)
-    args = parser.parse_args()
+    args = claim_arguments(__doc__.split("\n\n")[0], steps=20, train_help="training prompts (two teacher samples each, one batch)")
     t0 = time.perf_counter()
     tok, teacher, student0, prompts = smollm2_setup(args.eval)
     vocab = len(tok)

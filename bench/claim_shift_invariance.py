@@ -20,7 +20,6 @@ student); DLD should degrade under `shift` (and change under `logp`).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import sys
@@ -40,6 +39,7 @@ from csd_ray.generation import SamplingSpec, token_rules  # noqa: E402
 from csd_ray.losses import get_loss  # noqa: E402
 from csd_ray.models import load_model, load_tokenizer, position_ids  # noqa: E402
 from csd_ray.workers.hf_generate import hf_generate  # noqa: E402
+from quality import Parser, int_at_least, positive_float, usage_error  # noqa: E402  (same folder)
 
 LOSSES = {"csd_ss": ("csd", {"weights": ["student", "student"]}), "csd_ts": ("csd", {"weights": ["teacher", "student"]}),
           "dld": ("dld", {})}
@@ -67,12 +67,32 @@ def kl_teacher_student(t: torch.Tensor, z: torch.Tensor) -> float:
     return float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
 
 
+#: Arithmetic prompts the claim benches split into training and held-out ones.
+PROMPTS = 200
+
+
+def claim_arguments(description: str, steps: int, train_help: str = "training prompts (one batch)"):
+    """The claim benches' command line, checked before any model loads: bad values get one line
+    and exit 2."""
+    parser = Parser(description=description)
+    parser.add_argument("--train", type=int_at_least(1), default=8, help=train_help)
+    parser.add_argument("--eval", type=int_at_least(1), default=8, help="held-out prompts")
+    parser.add_argument("--steps", type=int_at_least(1), default=steps, help="Adam steps per loss (and form)")
+    parser.add_argument("--lr", type=positive_float, default=1e-4)
+    parser.add_argument("--new-tokens", type=int_at_least(1), default=24)
+    args = parser.parse_args()
+    if args.train + args.eval > PROMPTS:
+        usage_error(f"--train + --eval: expected at most {PROMPTS} prompts (the arithmetic set), got "
+                    f"{args.train} + {args.eval}")
+    return args
+
+
 def smollm2_setup(eval_size: int):
     """(tokenizer, SmolLM2 teacher, its 8-layer student, arithmetic prompts): what the claim benches share."""
     tok = load_tokenizer(ModelConfig(path="smollm2-135m-instruct"))
     teacher = load_model(ModelConfig(path="smollm2-135m-instruct"), tok).eval()
     student0 = load_model(ModelConfig(path="smollm2-135m-instruct", num_layers=8), tok, dtype="float32")
-    return tok, teacher, student0, load_prompts(DataConfig(num_examples=200, eval_size=eval_size, split_seed=0), tok)
+    return tok, teacher, student0, load_prompts(DataConfig(num_examples=PROMPTS, eval_size=eval_size, split_seed=0), tok)
 
 
 def sample(model, tok, prompt_ids: list[list[int]], new_tokens: int, seed: int, greedy: bool = False):
@@ -81,13 +101,7 @@ def sample(model, tok, prompt_ids: list[list[int]], new_tokens: int, seed: int, 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--train", type=int, default=8, help="training prompts (one batch)")
-    parser.add_argument("--eval", type=int, default=8, help="held-out prompts")
-    parser.add_argument("--steps", type=int, default=10, help="Adam steps per (loss, form)")
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--new-tokens", type=int, default=24)
-    args = parser.parse_args()
+    args = claim_arguments(__doc__.split("\n\n")[0], steps=10)
     torch.manual_seed(0)
     t0 = time.perf_counter()
     tok, teacher, student0, prompts = smollm2_setup(args.eval)

@@ -161,6 +161,17 @@ def int_at_least(minimum: int):
 positive_int = int_at_least(1)
 
 
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (one-line error otherwise), e.g. a learning rate."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got '{text}'") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value}")
+    return value
+
+
 def parse_losses(text: str) -> list[str]:
     """Loss names of a comma-separated --losses value; exits 2 with one line on an unknown name."""
     losses = [name.strip() for name in text.split(",") if name.strip()]

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from csd_ray.schema import ConfigError, Located, apply_override, build, load_yaml, resolve_references, to_dict
+from csd_ray.schema import ConfigError, Located, apply_override, build, load_yaml, resolve_references, to_dict, unshared
 
 
 #: Attention head sizes vLLM's CPU and GPU attention backends accept.
@@ -237,10 +237,11 @@ class SourceConfig:
     """'teacher' only: generate responses for this many upcoming prompts at once, in one large
     batch per teacher replica, and draw each step's responses from them (teacher responses do not
     depend on the student, so a warm-up's can be made in a few big batches instead of one small
-    batch per step); 0 = generate each step's responses when the step is launched. Upcoming: this
-    source's next prompts within its stage (with source_mode 'sample' and several sources, the
-    stream's next ones, whichever source draws them). Each response trains once; a resumed run
-    makes its own, so sampled (non-greedy) ones differ from an uninterrupted run's."""
+    batch per step); 0 = generate each step's responses when the step is launched. Upcoming: the
+    prompts this source will draw within its stage, as the later steps' seeded draws give them to
+    it (a replayed step draws none; with source_mode 'sample' another source may draw a step's;
+    in an adaptive stage, up to the next evaluation, which may change φ). Each response trains once; a resumed run makes its
+    own, so sampled (non-greedy) ones differ from an uninterrupted run's."""
 
 
 @dataclass
@@ -293,12 +294,13 @@ class AdaptiveSourceConfig:
     φ, the chance a step draws the stage's student source, starts at that source's
     ``probability`` and rises by ``increment`` (up to ``maximum``) at each held-out evaluation
     whose ``metric`` is worse than the reference by at least ``tolerance``; the other sources
-    share 1 − φ in proportion to their probabilities. Needs run.eval_every > 0."""
+    share 1 − φ in proportion to their probabilities. Needs run.eval_every > 0, small enough that
+    an evaluation falls between two of the stage's steps."""
 
     increment: float = 0.1
     """Rise of φ per triggering evaluation (DistiLLM: 0.1)."""
     maximum: float = 1.0
-    """Cap of φ."""
+    """Cap of φ; above the student source's probability (the initial φ)."""
     tolerance: float = 0.0
     """φ rises when metric >= reference + tolerance (nats per token); a negative tolerance makes it
     rise unless the metric improved by more than that margin."""
@@ -524,21 +526,35 @@ class Recipe:
             if abs(total - 1.0) > 1e-6:
                 raise located.error(key, f"with source_mode 'sample' the probabilities must sum to 1, got {total:g}")
 
-    def _validate_adaptive(self, stage: "StageConfig", key: str, located: Located) -> None:
+    def _validate_adaptive(self, stage: "StageConfig", start: int, key: str, located: Located) -> None:
+        """``stage`` (inherited fields filled in) begins at step ``start``."""
         a = stage.adaptive
         students = [s for s in stage.sources if s.kind == "student"]
         if stage.source_mode != "sample" or len(students) != 1 or len(stage.sources) < 2:
             raise located.error(f"{key}.adaptive", "needs source_mode 'sample' with one 'student' source and at least one "
                                 f"other source, got {[s.kind for s in stage.sources]} in mode '{stage.source_mode}'")
-        if not (0 < a.increment <= 1 and 0 <= a.maximum <= 1 and math.isfinite(a.tolerance)):
-            raise located.error(f"{key}.adaptive", f"increment must be in (0, 1], maximum in [0, 1] and tolerance finite, "
-                                f"got {a.increment}, {a.maximum}, {a.tolerance}")
+        if not 0 < a.increment <= 1:
+            raise located.error(f"{key}.adaptive.increment", f"must be in (0, 1], got {a.increment}")
+        if not 0 <= a.maximum <= 1:
+            raise located.error(f"{key}.adaptive.maximum", f"must be in [0, 1], got {a.maximum}")
+        if not math.isfinite(a.tolerance):
+            raise located.error(f"{key}.adaptive.tolerance", f"must be a finite number, got {a.tolerance}")
         if students[0].probability > a.maximum:
             raise located.error(f"{key}.sources", f"the student source's probability (the initial φ, {students[0].probability}) "
                                 f"exceeds adaptive.maximum = {a.maximum}")
+        if students[0].probability == a.maximum:  # φ starts at its cap: the schedule would never change a draw
+            raise located.error(f"{key}.adaptive.maximum", f"must exceed the student source's probability (the initial φ), "
+                                f"{students[0].probability}, or φ can never rise; got {a.maximum}")
         if not self.run.eval_every or not self.data.eval_size:
             raise located.error(f"{key}.adaptive", "is driven by held-out evaluations: set run.eval_every > 0 and "
                                 f"data.eval_size > 0 (got {self.run.eval_every} and {self.data.eval_size})")
+        # φ changes a draw only after an evaluation between two of the stage's steps: one after
+        # step start + s for s in 1..steps-1 (the one after its last step comes too late).
+        every, inside = self.run.eval_every, stage.steps - 1
+        if (start + inside) // every * every <= start:
+            fix = f"set run.eval_every <= {inside}" if inside else "give the stage at least 2 steps"
+            raise located.error(f"{key}.adaptive", f"no held-out evaluation falls between the stage's steps {start + 1}.."
+                                f"{start + stage.steps} with run.eval_every={every}, so φ could never change a draw; {fix}")
 
     def validate(self, located: Located) -> None:
         run, batch = self.run, self.batch
@@ -635,7 +651,8 @@ class Recipe:
                 self._validate_sources(stage.sources, stage.source_mode or batch.source_mode, f"stages[{i}].sources", located)
         for i, stage in enumerate(self.stages):
             if stage.adaptive is not None:
-                self._validate_adaptive(self.stage_at(sum(s.steps for s in self.stages[:i])), f"stages[{i}]", located)
+                start = sum(s.steps for s in self.stages[:i])
+                self._validate_adaptive(self.stage_at(start), start, f"stages[{i}]", located)
         if batch.replay.capacity < 0 or not 0 <= batch.replay.probability <= 1:
             raise located.error("batch.replay", "capacity must be >= 0 and probability in [0, 1]")
         if batch.replay.probability > 0 and batch.replay.capacity == 0:
@@ -676,7 +693,7 @@ def recipe_from_dict(data: dict[str, Any], overrides: list[str] | tuple[str, ...
     """Like load_recipe, from an in-memory mapping (tests, notebooks)."""
     import copy
 
-    data = copy.deepcopy(data)
+    data = unshared(copy.deepcopy(data))  # one mapping used twice (as a YAML alias is) becomes two
     located = Located("<recipe>")
     defaults = to_dict(Recipe())
     for override in overrides:

@@ -24,7 +24,7 @@ import torch
 import yaml
 
 from csd_ray.adaptive import AdaptiveSchedule
-from csd_ray.config import Recipe, SourceConfig
+from csd_ray.config import Recipe, SourceConfig, StageConfig
 from csd_ray.data import PromptStream, load_prompts
 from csd_ray.devices import actor_env
 from csd_ray.evaluation import Evaluator, closing_table, format_eval, response_tokens
@@ -81,7 +81,8 @@ class PlannedStep:
     stream_before: Optional[dict] = None
     """Prompt-stream position before this step drew its prompts (to redo lost work exactly)."""
     student_probability: Optional[float] = None
-    """φ this step's source was drawn with, in a stage with an adaptive schedule."""
+    """φ at this step, in a stage with an adaptive schedule (what its source was drawn with, or
+    would have been for a replayed step)."""
 
 
 class Controller:
@@ -107,6 +108,7 @@ class Controller:
         self.attempt = 0  # bumps on every recovery, so redone work gets new rollout ids
         self.nonfinite_in_a_row = 0
         self.resumed_from: Optional[Path] = None
+        self.restored_evaluation: Optional[dict] = None  # the last evaluation before the checkpoint resumed from
         self.prepared = False
 
     # ---- set-up --------------------------------------------------------------------------
@@ -221,8 +223,11 @@ class Controller:
         # The evaluation judges the steps just trained: their stage's adaptive schedule takes it.
         schedule = self._schedule(self.step - 1) if self.step > 0 else None
         if schedule is not None and schedule.observe(metrics.get(schedule.config.metric)):
-            self.metrics.message(f"adaptive: held-out {schedule.config.metric} rose to {schedule.reference:.3f}; "
-                                 f"student samples now drawn with probability {schedule.probability:.2f}")
+            r = self.recipe
+            more = self.step < r.run.steps and r.stage_index(self.step) == r.stage_index(self.step - 1)
+            consequence = (f"student samples now drawn with probability {schedule.probability:.2f}" if more else
+                           f"φ {schedule.probability:.2f}, but no step of the stage is left to draw")
+            self.metrics.message(f"adaptive: held-out {schedule.config.metric} rose to {schedule.reference:.3f}; {consequence}")
         self.eval_history.append({"step": self.step, **metrics})
         self.metrics.log({"kind": "eval", "step": self.step, **{f"eval/{k}": v for k, v in metrics.items()},
                           "eval/seconds": seconds})
@@ -432,25 +437,38 @@ class Controller:
         rng = random.Random(r.run.seed * 7919 + index)
         stage = r.stage_at(index)
         stream_before = self.stream.state()
-        if self.replay and rng.random() < r.batch.replay.probability:
-            old = rng.choice(list(self.replay))
-            return PlannedStep(index, old.groups, old.max_new_tokens, replayed=True, stream_before=stream_before), []
         schedule = self._schedule(index)
-        if stage.source_mode == "all":
-            sources = list(stage.sources)
-        else:
-            weights = schedule.weights(stage.sources) if schedule else [s.probability for s in stage.sources]
-            sources = [rng.choices(stage.sources, weights=weights)[0]]
+        phi = schedule.probability if schedule else None  # logged for a replayed step too: φ at every step of the stage
+        sources = self._draw(rng, stage, bool(self.replay), schedule)
+        if sources is None:
+            old = rng.choice(list(self.replay))
+            return PlannedStep(index, old.groups, old.max_new_tokens, replayed=True, stream_before=stream_before,
+                               student_probability=phi), []
         planned = PlannedStep(index, [], self._max_new_tokens(index, stage.max_new_tokens), stream_before=stream_before,
-                              student_probability=schedule.probability if schedule else None)
+                              student_probability=phi)
         return planned, sources
+
+    def _draw(self, rng: random.Random, stage: StageConfig, replay_filled: bool,
+              schedule: Optional[AdaptiveSchedule]) -> Optional[list[SourceConfig]]:
+        """A step's draw with its ``rng``: None for a replay (possible once the buffer holds a step),
+        else the sources it trains on (source_mode 'all': each; 'sample': one, by probability, or
+        by φ of the stage's adaptive ``schedule``). _plan makes the draws; the teacher cache
+        predicts them with it."""
+        if replay_filled and rng.random() < self.recipe.batch.replay.probability:
+            return None
+        if stage.source_mode == "all":
+            return list(stage.sources)
+        weights = schedule.weights(stage.sources) if schedule else [s.probability for s in stage.sources]
+        return [rng.choices(stage.sources, weights=weights)[0]]
 
     def _adaptive_evaluation_due(self) -> bool:
         """Whether a resumed run must redo the evaluation at its checkpoint's step: an adaptive
-        schedule reads it, and the original run made it just after writing the checkpoint (or,
-        stopped by a signal, never made it, where an uninterrupted run would have)."""
+        schedule reads it (that of the steps just trained, or, at an adaptive stage's first step, as
+        its reference), and the original run made it just after writing the checkpoint (or, stopped
+        by a signal, never made it, where an uninterrupted run would have)."""
+        stages = (self.recipe.stage_at(self.step - 1), self.recipe.stage_at(self.step))
         return (self.step > 0 and self._periodic(self.recipe.run.eval_every)
-                and self.recipe.stage_at(self.step - 1).adaptive is not None)
+                and any(stage.adaptive is not None for stage in stages))
 
     def _schedule(self, index: int) -> Optional[AdaptiveSchedule]:
         """The adaptive schedule of step ``index``'s stage, if it has one; made when the stage's
@@ -461,9 +479,15 @@ class Controller:
         key = self.recipe.stage_index(index)
         if key not in self.adaptive:
             initial = next(s.probability for s in stage.sources if s.kind == "student")
-            last = self.eval_history[-1].get(stage.adaptive.metric) if self.eval_history else None
-            self.adaptive[key] = AdaptiveSchedule(stage.adaptive, initial, last)
+            last = self._last_evaluation(index)
+            self.adaptive[key] = AdaptiveSchedule(stage.adaptive, initial, last.get(stage.adaptive.metric) if last else None)
         return self.adaptive[key]
+
+    def _last_evaluation(self, step: int) -> Optional[dict]:
+        """The newest evaluation made at or before ``step`` (its metrics, with "step"): this run's,
+        or before it resumed, the one its checkpoint kept; None if there was none."""
+        made = [h for h in getattr(self, "eval_history", []) if h["step"] <= step]
+        return made[-1] if made else self.restored_evaluation
 
     def _max_new_tokens(self, index: int, limit: int) -> int:
         cur = self.recipe.batch.curriculum
@@ -552,10 +576,11 @@ class Controller:
         return todo
 
     def _upcoming_for_source(self, src: SourceConfig, index: int) -> list:
-        """The prompts ``src`` will draw after step ``index``'s, at most ``src.cache`` of them and
-        none beyond the stage, without moving the stream: with source_mode 'all' every source draws
-        ``prompts_per_step`` prompts each step in list order, so only this source's are taken; with
-        'sample' the next prompts of the stream, whichever source draws them."""
+        """The prompts ``src`` will draw after its draw of step ``index``, at most ``src.cache`` of
+        them and none beyond the stage, without moving the stream. The later steps' draws are
+        made as _plan will make them (same seeds): a replayed step draws no prompts; with
+        source_mode 'all' each source draws ``prompts_per_step`` in list order, with 'sample' the
+        drawn source does. In an adaptive stage only up to the next evaluation, which may change φ."""
         r = self.recipe
         stage, per = r.stage_at(index), r.batch.prompts_per_step
         end = 0
@@ -565,18 +590,30 @@ class Controller:
                 break
         else:
             end = r.run.steps
-        count = min(src.cache, (end - index - 1) * per)
-        if count <= 0:
+        if stage.adaptive is not None:  # φ changes only at an evaluation: the draws are known up to the next one
+            end = min(end, (index // r.run.eval_every + 1) * r.run.eval_every)
+        if src.cache <= 0 or index + 1 >= end:
             return []
-        if stage.source_mode != "all" or len(stage.sources) == 1:
-            return self.stream.peek(count)
-        m = len(stage.sources)
-        j = next((k for k, s in enumerate(stage.sources) if s is src), None)
-        if j is None:  # not one of the stage's own sources (a schedule made it): no pattern to follow
-            return self.stream.peek(count)
-        skip = (m - 1 - j) * per  # the later sources of this step draw first; then, each step, block j of m
-        ahead = self.stream.peek(skip + -(-count // per) * m * per)
-        return [e for o, e in enumerate(ahead) if o >= skip and ((o - skip) // per) % m == j][:count]
+        if not any(s is src for s in stage.sources):  # not one of the stage's own sources: no pattern to follow
+            return self.stream.peek(min(src.cache, (end - index - 1) * per))
+        schedule = self.adaptive.get(r.stage_index(index))
+        # Off-policy steps launch one step ahead (overlap_offpolicy): step j starts once the steps
+        # before j - ahead have trained, and the replay buffer holds a step once one has trained.
+        on_policy = any(s.kind == "student" for s in stage.sources)
+        ahead = 1 if not on_policy and r.run.overlap_offpolicy else 0
+        offset, positions = 0, []  # stream positions from here on; those src draws
+        if stage.source_mode == "all":  # the sources after src in step index's list draw first
+            offset = per * (len(stage.sources) - 1 - next(k for k, s in enumerate(stage.sources) if s is src))
+        for j in range(index + 1, end):
+            if len(positions) >= src.cache:
+                break
+            filled = bool(self.replay) or (r.batch.replay.capacity > 0 and j - ahead > self.step)
+            for drawn in self._draw(random.Random(r.run.seed * 7919 + j), stage, filled, schedule) or []:
+                if drawn is src:
+                    positions += range(offset, offset + per)
+                offset += per
+        ahead_examples = self.stream.peek(offset)
+        return [ahead_examples[o] for o in positions[: src.cache]]
 
     # ---- weights, checkpoints, the end ---------------------------------------------------------
     def _sync(self, block: bool) -> float:
@@ -627,7 +664,9 @@ class Controller:
         pending = getattr(self, "_pending", None)
         stream = pending[0].stream_before if pending else self.stream.state()
         state = {"step": self.step, "version": self.version, "stream": stream,
-                 "adaptive": {str(k): v.state() for k, v in self.adaptive.items()}}
+                 "adaptive": {str(k): v.state() for k, v in self.adaptive.items()},
+                 # A stage's schedule not made yet takes the last evaluation before it as reference.
+                 "last_eval": self._last_evaluation(self.step)}
         state["fingerprint"] = fingerprint(self.recipe)
         (tmp / "controller.json").write_text(json.dumps(state))
         if self.replay:  # a resumed run must replay the same rollouts with the same draws
@@ -677,9 +716,12 @@ class Controller:
         self.step, self.version = state["step"], versions[0]
         self.stream.load_state(state["stream"])
         self.adaptive.clear()
+        self.restored_evaluation = state.get("last_eval")
+        stages = self.recipe.stages
         for key, saved in state.get("adaptive", {}).items():
-            self.adaptive[int(key)] = AdaptiveSchedule(self.recipe.stages[int(key)].adaptive, 0.0)
-            self.adaptive[int(key)].load_state(saved)
+            if int(key) < len(stages) and stages[int(key)].adaptive is not None:  # (the recipe may have changed since)
+                self.adaptive[int(key)] = AdaptiveSchedule(stages[int(key)].adaptive, 0.0)
+                self.adaptive[int(key)].load_state(saved)
         self.replay.clear()
         if (path / "replay.pt").exists():
             self.replay.extend(_from_disk(p) for p in torch.load(path / "replay.pt", weights_only=False))

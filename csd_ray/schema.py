@@ -96,6 +96,7 @@ def _load_one(path: Path) -> tuple[dict, Located]:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"a recipe must be a mapping of sections, got {type(data).__name__}", source=str(path))
+    data = unshared(data)  # a YAML alias (*loss) is one object with its anchor: an override would change both
 
     def walk(n: yaml.Node, prefix: str) -> None:
         if isinstance(n, yaml.MappingNode):
@@ -107,6 +108,16 @@ def _load_one(path: Path) -> tuple[dict, Located]:
     if node is not None:
         walk(node, "")
     return data, located
+
+
+def unshared(tree: Any) -> Any:
+    """A copy of a tree of mappings and lists in which no mapping or list appears twice (unlike
+    ``copy.deepcopy``, which keeps shared parts shared), so that setting one key changes one place."""
+    if isinstance(tree, dict):
+        return {k: unshared(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [unshared(v) for v in tree]
+    return tree
 
 
 def _canonical(parts: list[str]) -> str:
@@ -258,14 +269,14 @@ def _convert(tp: Any, value: Any, key: str, located: Located) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
+        options = [arg for arg in args if arg is not type(None)]
+        if len(options) == 1:  # Optional[X]: X's own message names the key inside (a section's field, a choice)
+            return _convert(options[0], value, key, located)
+        for arg in options:
             try:
                 return _convert(arg, value, key, located)
-            except ConfigError as exc:
-                errors.append(exc)
+            except ConfigError:
+                pass
         raise located.error(key, f"expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         choices = typing.get_args(tp)

@@ -71,13 +71,27 @@ MIXED = "[{kind: student, probability: 0.0}, {kind: dataset, probability: 1.0}]"
     ("all", MIXED, "{}", [], "needs source_mode 'sample'"),
     ("sample", "[{kind: dataset}]", "{}", [], "one 'student' source"),
     ("sample", "[{kind: student}]", "{}", [], "at least one other source"),
-    ("sample", MIXED, "{increment: 0}", [], "increment must be in (0, 1]"),
-    ("sample", MIXED, "{maximum: 1.5}", [], "maximum in [0, 1]"),
+    ("sample", MIXED, "{increment: 0}", [], "stages[0].adaptive.increment: must be in (0, 1], got 0.0"),
+    ("sample", MIXED, "{increment: -0.1}", [], "stages[0].adaptive.increment: must be in (0, 1], got -0.1"),
+    ("sample", MIXED, "{increment: 2}", [], "stages[0].adaptive.increment: must be in (0, 1], got 2.0"),
+    ("sample", MIXED, "{maximum: 1.5}", [], "stages[0].adaptive.maximum: must be in [0, 1], got 1.5"),
+    ("sample", MIXED, "{maximum: -1}", [], "stages[0].adaptive.maximum: must be in [0, 1], got -1.0"),
+    ("sample", MIXED, "{tolerance: .nan}", [], "stages[0].adaptive.tolerance: must be a finite number, got nan"),
+    ("sample", MIXED, "{tolerance: abc}", [], "stages[0].adaptive.tolerance: expected a number, got 'abc'"),
+    ("sample", MIXED, "{maximum: 0}", [], "stages[0].adaptive.maximum: must exceed the student source's probability "
+     "(the initial φ), 0.0, or φ can never rise; got 0.0"),
+    ("sample", MIXED, "{incremnt: 0.2}", [], "stages[0].adaptive.incremnt: unknown key 'incremnt' in section "
+     "'stages[0].adaptive'; did you mean 'increment'?"),
     ("sample", "[{kind: student, probability: 0.5}, {kind: dataset, probability: 0.5}]", "{maximum: 0.3}", [],
      "exceeds adaptive.maximum"),
     ("sample", MIXED, "{}", ["run.eval_every=0"], "set run.eval_every > 0"),
     ("sample", MIXED, "{}", ["data.eval_size=0"], "data.eval_size > 0"),
-    ("sample", MIXED, "{metric: accuracy}", [], "metric"),
+    ("sample", MIXED, "{}", ["run.eval_every=2"], "stages[0].adaptive: no held-out evaluation falls between the stage's "
+     "steps 1..2 with run.eval_every=2, so φ could never change a draw; set run.eval_every <= 1"),
+    ("sample", MIXED, "{}", ["stages.0.steps=1"], "no held-out evaluation falls between the stage's steps 1..1 with "
+     "run.eval_every=1, so φ could never change a draw; give the stage at least 2 steps"),
+    ("sample", MIXED, "{metric: accuracy}", [], "stages[0].adaptive.metric: expected one of 'student_nll_on_teacher', "
+     "'teacher_nll', got 'accuracy'"),
 ])
 def test_adaptive_stages_that_could_not_work_are_refused(mode, sources, adaptive, extra, message):
     stage = STAGE.format(mode=mode, sources=sources, adaptive=adaptive)
@@ -92,3 +106,17 @@ def test_a_valid_adaptive_stage_keeps_its_settings():
     a = recipe.stage_at(1).adaptive
     assert (a.increment, a.maximum, a.tolerance, a.metric) == (0.2, 1.0, -0.5, "teacher_nll")
     assert recipe.stage_index(0) == recipe.stage_index(1) == 0 and math.isclose(recipe.stage_at(0).sources[0].probability, 0.0)
+
+
+@pytest.mark.parametrize("eval_every, accepted", [(3, True), (4, True), (5, False), (13, True), (14, False)])
+def test_a_later_adaptive_stage_needs_an_evaluation_between_two_of_its_steps(eval_every, accepted):
+    """Steps 10..13 (0-based) are the stage's: an evaluation after step 11, 12 or 13 (1-based) can
+    change a later draw of it; one at 10 (before it) is its reference and one at 14 comes too late."""
+    stages = ("stages=[{steps: 10, sources: [{kind: dataset}]}, {steps: 4, sources: " + MIXED + ", adaptive: {}}]")
+    overrides = ["run.steps=0", f"run.eval_every={eval_every}", stages]
+    if accepted:
+        assert load_recipe(REPO / "recipes" / "smoke.yaml", overrides).stage_at(13).adaptive is not None
+    else:
+        with pytest.raises(ConfigError, match=r"stages\[1\].adaptive: no held-out evaluation falls between the stage's "
+                                              rf"steps 11..14 with run.eval_every={eval_every}.*set run.eval_every <= 3"):
+            load_recipe(REPO / "recipes" / "smoke.yaml", overrides)

@@ -89,3 +89,30 @@ def test_bench_refuses_an_out_folder_made_with_other_settings(staleness, quality
         staleness.main()
     assert exit_.value.code == 2
     assert capsys.readouterr().err == f"error: --out {out} holds runs made with --steps 6 (now 12); use the same settings or another --out\n"
+
+
+@pytest.mark.parametrize("file, argv, message", [
+    ("claim_mode_seeking.py", ["--train", "0"], "error: argument --train: expected an integer >= 1, got 0"),
+    ("claim_mode_seeking.py", ["--eval", "-3"], "error: argument --eval: expected an integer >= 1, got -3"),
+    ("claim_mode_seeking.py", ["--steps", "x"], "error: argument --steps: expected an integer >= 1, got 'x'"),
+    ("claim_mode_seeking.py", ["--lr", "0"], "error: argument --lr: expected a number > 0, got 0.0"),
+    ("claim_mode_seeking.py", ["--new-tokens", "0"], "error: argument --new-tokens: expected an integer >= 1, got 0"),
+    ("claim_mode_seeking.py", ["--train", "190", "--eval", "20"],
+     "error: --train + --eval: expected at most 200 prompts (the arithmetic set), got 190 + 20"),
+    ("claim_shift_invariance.py", ["--train", "-1"], "error: argument --train: expected an integer >= 1, got -1"),
+    ("claim_shift_invariance.py", ["--lr", "nan"], "error: argument --lr: expected a number > 0, got nan"),
+    ("claim_shift_invariance.py", ["--lr", "fast"], "error: argument --lr: expected a number > 0, got 'fast'"),
+    ("claim_shift_invariance.py", ["--steps", "0"], "error: argument --steps: expected an integer >= 1, got 0"),
+])
+def test_claim_benches_refuse_bad_arguments_before_loading_a_model(monkeypatch, capsys, file, argv, message):
+    """These used to be taken unchecked (--train -1 trained on 199 prompts, --steps 0 gave a verdict
+    on untrained students, a bad value printed argparse's usage block)."""
+    monkeypatch.syspath_prepend(str(REPO / "bench"))  # the claim benches import their neighbours
+    module = _bench(file.removesuffix(".py"), file)
+    monkeypatch.setattr(module, "smollm2_setup", None)  # reaching the models would fail with a TypeError
+    monkeypatch.setattr("sys.argv", [file, *argv])
+    with pytest.raises(SystemExit) as exit_:
+        module.main()
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err == message + "\n", err

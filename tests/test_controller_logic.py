@@ -275,7 +275,8 @@ def test_a_published_checkpoint_is_complete_and_restores_the_controller(tmp_path
     assert final == tmp_path / "checkpoints" / "step_000004"
     assert sorted(p.name for p in final.iterdir()) == ["COMPLETE", "controller.json", "shard"]
     assert json.loads((final / "controller.json").read_text()) == {
-        "step": 4, "version": 3, "stream": {"epoch": 1, "cursor": 3}, "adaptive": {}, "fingerprint": fingerprint(c.recipe)}
+        "step": 4, "version": 3, "stream": {"epoch": 1, "cursor": 3}, "adaptive": {}, "last_eval": None,
+        "fingerprint": fingerprint(c.recipe)}
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
     # Steps launched ahead drew prompts already: the checkpoint keeps where the first untrained one began.
     c.step, c.version = 6, 6
@@ -507,18 +508,19 @@ _ADAPTIVE = "[{kind: teacher, probability: 0.9}, {kind: student, probability: 0.
 
 
 def test_periodic_checkpoints_and_evaluations_and_the_resumed_evaluation_an_adaptive_stage_needs(tmp_path):
-    c = _prepared(tmp_path, "run.steps=6", "run.eval_every=1", "data.eval_size=4", "run.checkpoint_every=4",
-                  f"stages=[{{steps: 1, sources: {_ADAPTIVE}, adaptive: {{}}}}, {{steps: 2, sources: [{{kind: teacher}}]}}, "
+    c = _prepared(tmp_path, "run.steps=7", "run.eval_every=1", "data.eval_size=4", "run.checkpoint_every=4",
+                  f"stages=[{{steps: 2, sources: {_ADAPTIVE}, adaptive: {{}}}}, {{steps: 2, sources: [{{kind: teacher}}]}}, "
                   f"{{steps: 3, sources: {_ADAPTIVE}, adaptive: {{}}}}]")
     due, periodic = [], []
-    for step in range(7):
+    for step in range(8):
         c.step = step
         due.append(c._adaptive_evaluation_due())
         periodic.append((c._periodic(c.recipe.run.checkpoint_every), c._periodic(3), c._periodic(0)))
-    # The evaluation after step s judges step s - 1's stage; none at step 0 (nothing trained) or at the end.
-    assert due == [False, True, False, False, True, True, False]
+    # The evaluation after step s judges step s - 1's stage, or is the reference of an adaptive stage
+    # starting at step s; none at step 0 (nothing trained) or at the end (finish() evaluates).
+    assert due == [False, True, True, False, True, True, True, False]
     assert periodic == [(True, True, False), (False, False, False), (False, False, False), (False, True, False),
-                        (True, False, False), (False, False, False), (False, False, False)]
+                        (True, False, False), (False, False, False), (False, True, False), (False, False, False)]
 
 
 def test_a_step_of_a_later_stage_is_booked_under_that_stage(tmp_path):
@@ -591,3 +593,137 @@ def test_a_checkpoint_keeps_adaptive_schedules_and_replayed_rollouts_for_the_res
     back = ray_session.get(group.rollouts[0])
     assert response_tokens(back) == [[4, 5, 6], [7]] and back.weight_version == 3
     assert torch.equal(ray_session.get(group.teacher[0]), teacher)
+
+
+ADAPTIVE_AFTER_SFT = ("stages=[{steps: 2, sources: [{kind: dataset}]}, {steps: 4, sources: [{kind: student, probability: 0.0}, "
+                      "{kind: dataset, probability: 1.0}], adaptive: {increment: 0.3, tolerance: -100}}]")
+
+
+def _adaptive_steps(c, start, evaluations, checkpoint_at=None):
+    """The loop's bookkeeping from step ``start`` to the run's end, without actors: at each step
+    boundary the checkpoint (``checkpoint_at``), then the evaluation (``evaluations[step]``, what it
+    measures), precede the step's plan, as in _trained then train(). Returns φ of each step's plan."""
+    phis = {}
+    for s in range(start, c.recipe.run.steps):
+        c.step = s
+        if s == checkpoint_at:
+            c._publish_checkpoint(*_trainer_side(c.run_dir, s))
+        if s in evaluations and (s > start or s == 0 or c._adaptive_evaluation_due()):
+            c._evaluated({"student_nll_on_teacher": evaluations[s]}, seconds=0.0)
+        phis[s] = c._plan(s)[0].student_probability
+    return phis
+
+
+@pytest.mark.parametrize("eval_every", [2, 4])
+def test_a_run_resumed_where_an_adaptive_stage_begins_draws_as_the_uninterrupted_one(tmp_path, eval_every):
+    """The schedule's reference is the last evaluation before its stage: a run resumed from a
+    checkpoint at the stage's first step must have it, whether that evaluation came right after the
+    checkpoint (redone, eval_every=2) or before it (kept in the checkpoint, eval_every=4)."""
+    overrides = ("run.steps=6", f"run.eval_every={eval_every}", "data.eval_size=4", ADAPTIVE_AFTER_SFT)
+    evaluations = {s: 5.0 + s for s in range(0, 6, eval_every)}  # every one worse: φ rises at each one after the first
+    whole = _prepared(tmp_path / "a", *overrides)
+    uninterrupted = _adaptive_steps(whole, 0, evaluations, checkpoint_at=2)
+    assert uninterrupted[5] == pytest.approx(0.3)
+    resumed = _prepared(tmp_path / "b", *overrides)
+    resumed._restored(tmp_path / "a" / "checkpoints" / "step_000002", [2])
+    assert resumed._adaptive_evaluation_due() == (eval_every == 2)
+    phis = _adaptive_steps(resumed, 2, evaluations)
+    assert phis == {s: pytest.approx(uninterrupted[s]) for s in range(2, 6)}
+    whole.metrics.close()
+    resumed.metrics.close()
+
+
+def _cached_run(c):
+    """The launches of a whole run as train() makes them (in _may_launch's order), with the teacher
+    cache filled as _fill_teacher_cache fills it (a distinct response per entry) and each step
+    booked as trained: (responses generated per batch, teacher responses trained)."""
+    from collections import deque
+
+    from csd_ray.evaluation import response_tokens
+
+    generated, trained, pending, next_launch = [], 0, deque(), 0
+    b, steps = c.recipe.batch, c.recipe.run.steps
+    while c.step < steps:
+        while next_launch < steps and c._may_launch(next_launch):
+            planned, sources = c._plan(next_launch)
+            for src in sources:
+                examples = [e for e in c.stream.next_batch(b.prompts_per_step) for _ in range(b.samples_per_prompt)]
+                if src.kind == "teacher":
+                    todo = c._cache_todo(src, examples, next_launch)
+                    cache = c.teacher_cache[(src.greedy, c.recipe.stage_at(next_launch).max_new_tokens)]
+                    for e in todo:
+                        cache.setdefault(e.index, []).append([1000 + sum(generated) + len(cache)])
+                    if todo:
+                        generated.append(len(todo))
+                    trained += len(response_tokens(c._offpolicy_rollout(src, examples, next_launch, 8)))
+            pending.append(planned)
+            next_launch += 1
+        planned = pending.popleft()
+        if b.replay.capacity and not planned.replayed:
+            c.replay.append(planned)
+        c.step = planned.index + 1
+        if c.recipe.run.eval_every and c.step % c.recipe.run.eval_every == 0 and c.step < steps:
+            c._evaluated({"student_nll_on_teacher": float(c.step)}, seconds=0.0)  # worse each time
+    return generated, trained
+
+
+@pytest.mark.parametrize("sources, extra", [
+    ("[{kind: teacher, greedy: true, cache: 100}]", ["batch.replay.capacity=2", "batch.replay.probability=0.5"]),
+    ("[{kind: student, probability: 0.5}, {kind: teacher, greedy: true, cache: 100, probability: 0.5}]", []),
+    ("[{kind: dataset, probability: 0.5}, {kind: teacher, cache: 6, probability: 0.5}]",
+     ["batch.replay.capacity=3", "batch.replay.probability=0.3", "batch.samples_per_prompt=2"]),
+    ("[{kind: teacher, cache: 5}, {kind: student}]", ["stages.0.source_mode=all", "batch.replay.capacity=2",
+                                                       "batch.replay.probability=0.5"]),
+    ("[{kind: student, probability: 0.0}, {kind: teacher, greedy: true, cache: 100, probability: 1.0}]",
+     ["stages.0.adaptive={increment: 0.3, tolerance: -100}", "run.eval_every=3", "data.eval_size=2"]),
+])
+def test_a_cached_teacher_generates_only_what_its_own_draws_will_train(tmp_path, sources, extra):
+    """Replayed steps draw no prompts and, with source_mode 'sample', other sources draw some (in
+    an adaptive stage more of them after each evaluation, here every 3 steps): the cache looks
+    ahead at the draws _plan will make, so everything generated trains, once."""
+    c = _prepared(tmp_path, "run.steps=0", "batch.prompts_per_step=2", "trainer.num_ranks=1",
+                  f"stages=[{{steps: 12, sources: {sources}}}]", *extra)
+    generated, trained = _cached_run(c)
+    assert sum(generated) == trained > 0 and len(generated) < 12
+    assert all(not cached for cached in c.teacher_cache.values())
+
+
+def test_phi_is_logged_at_every_step_of_an_adaptive_stage_replayed_ones_included(tmp_path):
+    from csd_ray.controller import Group, PlannedStep
+
+    c = _prepared(tmp_path, "run.steps=0", "run.eval_every=1", "data.eval_size=2", "batch.replay.capacity=2",
+                  "batch.replay.probability=0.5", "stages=[{steps: 40, sources: [{kind: student, probability: 0.25}, "
+                  "{kind: dataset, probability: 0.75}], adaptive: {}}]")
+    c.replay.append(PlannedStep(0, [Group("student", ["r"], ["t"], 1.0, 7)], 9))
+    plans = [c._plan(i)[0] for i in range(40)]
+    assert 0 < sum(p.replayed for p in plans) < 40
+    assert all(p.student_probability == 0.25 for p in plans)
+
+
+def test_a_checkpoint_resumes_under_a_recipe_whose_stages_changed(tmp_path):
+    """The fingerprint leaves stages free: schedules of stages that are gone, or no longer
+    adaptive, are dropped; one that still is continues."""
+    recipe = smoke_recipe(tmp_path, "run.steps=9")
+    saved = {"0": {"probability": 0.4, "reference": 3.0}, "1": {"probability": 0.7, "reference": 2.0},
+             "5": {"probability": 0.9, "reference": 1.0}}
+    path = _checkpoint(tmp_path, 4, recipe, stream={"epoch": 0, "cursor": 8}, adaptive=saved)
+    c = _prepared(tmp_path / "b", "run.steps=0", "run.eval_every=1", "data.eval_size=2",
+                  "stages=[{steps: 5, sources: [{kind: dataset}]}, {steps: 4, sources: [{kind: student, probability: 0.1}, "
+                  "{kind: dataset, probability: 0.9}], adaptive: {}}]")
+    c._restored(path, [4])
+    assert list(c.adaptive) == [1] and (c.adaptive[1].probability, c.adaptive[1].reference) == (0.7, 2.0)
+    assert c._plan(5)[0].student_probability == 0.7
+
+
+def test_a_rise_after_an_adaptive_stage_is_over_does_not_claim_a_new_draw_probability(tmp_path, capsys):
+    c = _prepared(tmp_path, "run.steps=0", "run.eval_every=2", "data.eval_size=2",
+                  "stages=[{steps: 4, sources: [{kind: student, probability: 0.0}, {kind: dataset, probability: 1.0}], "
+                  "adaptive: {increment: 0.5, tolerance: -100}}, {steps: 2, sources: [{kind: dataset}]}]")
+    for step in (0, 2, 4):  # 4: after the stage's last step; the next stage has no schedule
+        c.step = step
+        c._evaluated({"student_nll_on_teacher": 1.0}, seconds=0.0)
+    err = capsys.readouterr().err
+    assert "rose to 1.000; student samples now drawn with probability 0.50" in err
+    assert "rose to 1.000; φ 1.00, but no step of the stage is left to draw" in err
+    assert "drawn with probability 1.00" not in err
+    c.metrics.close()

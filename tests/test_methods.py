@@ -1,7 +1,7 @@
 """The literature's methods as recipes (recipes/methods/), and the trainer pieces they need (issue 12).
 
 Every recipe runs 2 steps through the whole actor system on tiny models (its last two stages,
-one step each), sharing one Ray session. The trainer's target and per-sequence weighting are
+one step each; an adaptive stage two, so that an evaluation falls inside it), sharing one Ray session. The trainer's target and per-sequence weighting are
 checked in-process against the model's own cross-entropy.
 """
 
@@ -33,13 +33,14 @@ TINY = [
 
 
 def tiny_method(path: Path, output_dir: Path) -> Recipe:
-    """The recipe at ``path`` on tiny models: its last two stages, one step each."""
+    """The recipe at ``path`` on tiny models: its last two stages, one step each (an adaptive stage
+    two: its schedule needs an evaluation between two of its steps)."""
     data, located = load_yaml(path)
     for override in TINY + [f"run.output_dir={output_dir}"]:
         apply_override(data, located, override)
     stages = copy.deepcopy(data["stages"][-2:])
     for stage in stages:
-        stage["steps"] = 1 if len(stages) == 2 else 2
+        stage["steps"] = 1 if len(stages) == 2 and "adaptive" not in stage else 2
     data["stages"] = stages
     if any("adaptive" in stage for stage in stages):  # driven by evaluations: a tiny one each step
         for override in ("data.eval_size=2", "run.eval_every=1", "run.eval_max_new_tokens=4"):
@@ -67,8 +68,10 @@ def test_method_recipe_trains_two_steps_on_tiny_models(ray_session, tmp_path, pa
     recipe = tiny_method(path, tmp_path)
     Controller(recipe, log=lambda m: None).run()
     records = read_metrics(tmp_path / "metrics.jsonl")
-    assert [r["step"] for r in records] == [1, 2] and records[-1]["weight_version"] == 2
-    for record, stage in zip(records, [recipe.stage_at(0), recipe.stage_at(1)]):
+    steps = recipe.run.steps
+    assert [r["step"] for r in records] == list(range(1, steps + 1)) and records[-1]["weight_version"] == steps
+    assert steps == (3 if any(s.adaptive for s in recipe.stages) else 2)
+    for record, stage in zip(records, [recipe.stage_at(i) for i in range(steps)]):
         assert record["loss_name"] == stage.loss.name
         assert math.isfinite(record["loss"]) and record["loss"] >= 0 and record["grad_norm"] > 0
         kinds = [s.kind for s in stage.sources]

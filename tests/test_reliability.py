@@ -81,6 +81,14 @@ BAD_INPUTS = [
     ("adaptive schedule without evaluations", SMOKE,
      ["stages=[{{name: a, steps: 3, sources: [{{kind: student, probability: 0}}, {{kind: dataset, probability: 1}}], adaptive: {{}}}}]"],
      ["stages[0].adaptive", "run.eval_every > 0"]),
+    ("misspelt key inside an optional section", SMOKE,
+     ["run.eval_every=1", "stages=[{{name: a, steps: 3, sources: [{{kind: student, probability: 0}}, {{kind: dataset, probability: 1}}], "
+      "adaptive: {{metric: rouge_l}}}}]"],
+     ["stages[0].adaptive.metric", "expected one of 'student_nll_on_teacher', 'teacher_nll', got 'rouge_l'"]),
+    ("adaptive schedule that could never change a draw", SMOKE,
+     ["run.eval_every=5", "stages=[{{name: a, steps: 3, sources: [{{kind: student, probability: 0}}, {{kind: dataset, probability: 1}}], "
+      "adaptive: {{}}}}]"],
+     ["stages[0].adaptive", "no held-out evaluation falls between", "set run.eval_every <= 2"]),
     ("resume path not a checkpoint", SMOKE, ["run.resume={d}/not_a_checkpoint"], ["not a complete csd_ray checkpoint"]),
     ("no arithmetic examples", SMOKE, ["data.num_examples=0"], ["data.num_examples", "must be >= 1, got 0"]),
 ]

@@ -58,7 +58,7 @@ def test_values_convert_by_annotation():
     ({"name": 3}, "r.yaml:4: name: expected a string, got 3"),
     ({"mode": "asyn"}, "r.yaml:5: mode: expected one of 'sync', 'async', got 'asyn' (did you mean 'async'?)"),
     ({"mode": "zzz"}, "r.yaml:5: mode: expected one of 'sync', 'async', got 'zzz'"),
-    ({"maybe": "a"}, "r.yaml: maybe: expected int, got 'a'"),
+    ({"maybe": "a"}, "r.yaml: maybe: expected an integer, got 'a'"),
     ({"items": 3}, "r.yaml: items: expected list of float, got 3"),
     ({"items": [1, "b"]}, "r.yaml: items[1]: expected a number, got 'b'"),
     ({"extra": [1]}, "r.yaml: extra: expected a mapping, got [1]"),
@@ -130,3 +130,19 @@ def test_type_names_in_messages_and_the_reference():
     assert _type_name(list) == "list" and _type_name(list[Inner]) == "list of mapping (section)"
     assert _type_name(dict[str, int]) == "mapping" and _type_name(Inner) == "mapping (section)"
     assert _type_name(float) == "float"
+
+
+def test_an_override_changes_only_the_key_it_names_when_the_yaml_shares_a_value_by_anchor(tmp_path):
+    """recipes/methods/distillm.yaml gives both stages one loss through a YAML anchor (&loss/*loss):
+    overriding stage 1's loss must leave stage 0's as written."""
+    path = tmp_path / "r.yaml"
+    path.write_text("stages:\n  - loss: &loss {name: srkl, params: {skew: 0.1}}\n  - loss: *loss\n")
+    data, located = load_yaml(path)
+    apply_override(data, located, "stages.1.loss.params.skew=0.3")
+    assert [s["loss"]["params"]["skew"] for s in data["stages"]] == [0.1, 0.3]
+    from csd_ray.config import recipe_from_dict
+
+    loss = {"name": "srkl", "params": {"skew": 0.1}}
+    recipe = recipe_from_dict({"stages": [{"steps": 1, "loss": loss}, {"steps": 1, "loss": loss}]},
+                              ["stages.1.loss.params.skew=0.3"])
+    assert [s.loss.params["skew"] for s in recipe.stages] == [0.1, 0.3] and loss["params"]["skew"] == 0.1
