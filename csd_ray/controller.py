@@ -431,10 +431,9 @@ class Controller:
 
     def _plan(self, index: int) -> tuple[PlannedStep, list[SourceConfig]]:
         """Step ``index`` before any work is launched: a replay of an old step (its groups, no
-        sources), or a new step (no groups yet) and the sources it draws from. The draws are seeded
-        by ``run.seed`` and the step, so a resumed or redone step draws the same."""
+        sources), or a new step (no groups yet) and the sources it draws from (``_step_rng``)."""
         r = self.recipe
-        rng = random.Random(r.run.seed * 7919 + index)
+        rng = self._step_rng(index)
         stage = r.stage_at(index)
         stream_before = self.stream.state()
         schedule = self._schedule(index)
@@ -447,6 +446,11 @@ class Controller:
         planned = PlannedStep(index, [], self._max_new_tokens(index, stage.max_new_tokens), stream_before=stream_before,
                               student_probability=phi)
         return planned, sources
+
+    def _step_rng(self, index: int) -> random.Random:
+        """Step ``index``'s draws (replay, source): seeded by ``run.seed`` and the step, so a resumed
+        or redone step, and the cache's look-ahead, draw the same."""
+        return random.Random(self.recipe.run.seed * 7919 + index)
 
     def _draw(self, rng: random.Random, stage: StageConfig, replay_filled: bool,
               schedule: Optional[AdaptiveSchedule]) -> Optional[list[SourceConfig]]:
@@ -608,7 +612,7 @@ class Controller:
             if len(positions) >= src.cache:
                 break
             filled = bool(self.replay) or (r.batch.replay.capacity > 0 and j - ahead > self.step)
-            for drawn in self._draw(random.Random(r.run.seed * 7919 + j), stage, filled, schedule) or []:
+            for drawn in self._draw(self._step_rng(j), stage, filled, schedule) or []:
                 if drawn is src:
                     positions += range(offset, offset + per)
                 offset += per
