@@ -54,7 +54,7 @@ def rank(tmp_path_factory):
     r.set_teacher_lm_head((0.3 * torch.randn(len(r.tokenizer), HIDDEN, generator=g, dtype=torch.float64), {}))
     r.train_on([_batch(0)])  # Adam has moments, the version is 1, the scheduler at its second step
     r.save_checkpoint(str(tmp / "start"))
-    r.start, r.initial_loss = str(tmp / "start"), r.module.loss
+    r.start, r.initial_loss, r.initial_average = str(tmp / "start"), r.module.loss, r.module.average
     yield r
     r.shutdown()
     torch.set_num_threads(threads)  # the rank sized this process's threads like an actor's
@@ -352,3 +352,11 @@ def test_the_group_address_is_this_node_and_a_free_port(rank):
     with socket.socket() as s:  # free: rank 0 binds it for the group's TCP store
         s.bind((host, port))
     assert host == socket.gethostbyname(host) and 1024 <= port < 65536
+
+
+def test_the_rank_takes_its_loss_averaging_packing_and_precision_from_the_recipe(rank):
+    cfg = rank.recipe.trainer
+    assert rank.initial_loss.describe() == get_loss(cfg.loss.name, **cfg.loss.params).describe()
+    assert rank.initial_average == cfg.loss.average == "token" and rank.module.packing is cfg.packing is True
+    assert rank.teacher_lm_head[0].dtype == torch.float32 and rank.teacher_lm_head[0].device == rank.device
+    assert all(p.dtype == torch.float32 for p in rank.module.parameters())  # fp32 master weights
