@@ -88,10 +88,11 @@ def _reference_loss(r, rollout, teacher, name="csd", params=None, per_sequence=F
 
 def test_the_rank_is_built_from_the_recipe(rank):
     """First in the file on purpose: the module's rank is built while this test sets up, so
-    mutation testing credits the set-up code to this test alone; it checks what the set-up made."""
+    mutation testing credits the set-up code to this test alone; it checks what the set-up made
+    (the state ``_fresh`` reloads is the fixture's: one step trained)."""
     import os
 
-    r = rank  # as the fixture built it: one step trained, nothing reloaded yet
+    r = _fresh(rank)  # mutation testing runs tests fastest first: start from the fixture's state
     assert os.environ.get("GLOO_SOCKET_IFNAME") == "lo"  # a loopback group stays on loopback
     assert torch.get_num_threads() == r.recipe.trainer.placement.torch_threads()
     group = r.optimizer.param_groups[0]
@@ -103,6 +104,9 @@ def test_the_rank_is_built_from_the_recipe(rank):
     assert r.device.type == "cpu" and r.module.model.training and not r.module.model.is_gradient_checkpointing
     assert r.module.model.config.num_hidden_layers == 1  # the smoke recipe's student
     assert all(p.dtype == torch.float32 for p in r.module.parameters())  # fp32 master weights
+    cfg = r.recipe.trainer
+    assert r.initial_loss.describe() == get_loss(cfg.loss.name, **cfg.loss.params).describe()
+    assert r.initial_average == cfg.loss.average == "token" and r.module.packing is cfg.packing is True
     # The recipe's loss (CSD, (student, student) weights), through the packed sdpa path:
     assert r.module.model.config._attn_implementation == "sdpa_packed"
     batch = _batch(20)
@@ -353,10 +357,3 @@ def test_the_group_address_is_this_node_and_a_free_port(rank):
         s.bind((host, port))
     assert host == socket.gethostbyname(host) and 1024 <= port < 65536
 
-
-def test_the_rank_takes_its_loss_averaging_packing_and_precision_from_the_recipe(rank):
-    cfg = rank.recipe.trainer
-    assert rank.initial_loss.describe() == get_loss(cfg.loss.name, **cfg.loss.params).describe()
-    assert rank.initial_average == cfg.loss.average == "token" and rank.module.packing is cfg.packing is True
-    assert rank.teacher_lm_head[0].dtype == torch.float32 and rank.teacher_lm_head[0].device == rank.device
-    assert all(p.dtype == torch.float32 for p in rank.module.parameters())  # fp32 master weights
