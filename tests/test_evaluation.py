@@ -275,6 +275,8 @@ def test_closing_table_text_exactly_with_a_teacher_that_scores_zero():
         "What is  | 2 + 3 =  | five",  # whitespace runs collapsed, then cut to the width
     ]
     assert closing_table({}, {"teacher_nll": 1.0}).splitlines()[1:] == [f"{'teacher_nll':30s}{'nan':>10s}{1.0:10.3f}{'-':>10s}"]
+    # Accuracy without the teacher's (data without answers for it): no accuracy line, no crash.
+    assert closing_table({}, {"accuracy": 0.5}).splitlines()[1:] == [f"{'accuracy':30s}{'nan':>10s}{0.5:10.3f}{'-':>10s}"]
 
 
 def test_metrics_of_one_prompt_two_samples_and_no_tokens():
