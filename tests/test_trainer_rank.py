@@ -357,3 +357,21 @@ def test_the_group_address_is_this_node_and_a_free_port(rank):
         s.bind((host, port))
     assert host == socket.gethostbyname(host) and 1024 <= port < 65536
 
+
+
+def test_the_loss_rows_logits_equal_each_sequence_run_alone_through_the_model(rank):
+    """The packed forward (one row, per-sequence attention bounds and positions) gives, at every
+    loss row, the logits of the HF model run on that sequence alone: no sequence sees another."""
+    r = _fresh(rank)
+    rollout, _ = _batch(3)
+    packed = r.probe_logits(rollout)
+    expected = []
+    with torch.no_grad():
+        for i in range(rollout.num_sequences):
+            real = rollout.attention_mask[i].bool()
+            alone = r.module.model(input_ids=rollout.input_ids[i][real][None]).logits[0]
+            position = torch.cumsum(real.long(), 0) - 1  # padded position -> index among the real tokens
+            rows = rollout.target_mask()[i].nonzero()[:, 0]
+            expected.append(alone[position[rows]])
+    expected = torch.cat(expected)[:, : packed.shape[1]]
+    assert packed.shape == expected.shape and torch.allclose(packed, expected, atol=1e-4)
