@@ -178,6 +178,10 @@ def test_a_stage_switches_the_loss_and_keeps_each_loss_built_once(rank):
     assert r.module.loss.chunk_size == 7 and r.module.loss is not built
     r._use(dict(fkl), None)
     assert r.module.loss is built  # the same spec: the loss built before
+    # A loss on the response tokens themselves (SFT's cross-entropy): the rank hands it the targets.
+    r = _fresh(rank)
+    expected = _reference_loss(r, *batch, name="ce", params={})
+    assert r.train_on([batch], loss={"name": "ce", "params": {}})["loss"] == pytest.approx(expected, rel=1e-4)
 
 
 def test_learning_rate_follows_the_schedule_and_a_stage_lr_applies_at_once(rank):
