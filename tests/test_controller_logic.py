@@ -2,6 +2,7 @@
 a step's plan and booking, the teacher cache, checkpoints' controller side (one test puts objects in Ray)."""
 
 import json
+import os
 import time
 
 import pytest
@@ -568,6 +569,10 @@ def test_look_ahead_ends_at_the_stage_end_after_several_stages_and_follows_other
     assert [e.index for e in c._upcoming_for_source(stranger, 5)] == [e.index for e in c.stream.peek(2)]
 
 
+# mutmut forks one process per mutant; Ray started in such a process hangs (no CPU used), so under
+# mutmut (which sets MUTANT_UNDER_TEST) this test is left out and what only it reaches counts as
+# having no test.
+@pytest.mark.skipif("MUTANT_UNDER_TEST" in os.environ, reason="Ray hangs in mutmut's forked processes")
 def test_a_checkpoint_keeps_adaptive_schedules_and_replayed_rollouts_for_the_resumed_run(tmp_path, ray_session):
     from csd_ray.controller import Group, PlannedStep
     from csd_ray.evaluation import response_tokens
