@@ -533,7 +533,7 @@ class Controller:
                 raise RuntimeError(f"the 'dataset' source needs reference responses; example {missing[0]} has none")
             responses = [e.response_ids for e in examples]
         else:
-            cache = self.teacher_cache[(src.greedy, self.recipe.stage_at(index).max_new_tokens)]
+            cache = self._teacher_cache(src, index)
             responses = [cache[e.index].pop(0) for e in examples]
             for i in {e.index for e in examples}:
                 if not cache[i]:
@@ -552,12 +552,17 @@ class Controller:
         t0 = time.perf_counter()
         refs = [actor.generate.remote(prompts[lo:hi], [e.index for e in todo[lo:hi]], max_new, seed + i, greedy=src.greedy)
                 for i, (actor, lo, hi) in enumerate(_shards(self.teachers, len(prompts)))]
-        cache = self.teacher_cache[(src.greedy, max_new)]
+        cache = self._teacher_cache(src, index)
         for rollout in ray.get(refs):
             for prompt_index, tokens in zip(rollout.prompt_indices, response_tokens(rollout)):
                 cache.setdefault(prompt_index, []).append(tokens)
         self.metrics.message(f"teacher responses: {len(prompts)} generated in {time.perf_counter() - t0:.1f} s "
                              f"({len(self.teachers)} replica(s)), cached for the next steps")
+
+    def _teacher_cache(self, src: SourceConfig, index: int) -> dict[int, list[list[int]]]:
+        """The cached responses ``src`` serves at step ``index``: keyed by (greedy, the stage's
+        ``max_new_tokens``), so one made another way, or shorter, is never served."""
+        return self.teacher_cache.setdefault((src.greedy, self.recipe.stage_at(index).max_new_tokens), {})
 
     def _cache_todo(self, src: SourceConfig, examples: list, index: int) -> list:
         """The examples (one per response) the teacher must answer before step ``index`` can take
@@ -565,7 +570,7 @@ class Controller:
         and ``src``'s next ``src.cache`` prompts of the stage still lack (``samples_per_prompt``
         responses per prompt), in stream order. Cached responses are keyed by (greedy, the stage's
         ``max_new_tokens``): one made another way, or shorter, is never served."""
-        cache = self.teacher_cache.setdefault((src.greedy, self.recipe.stage_at(index).max_new_tokens), {})
+        cache = self._teacher_cache(src, index)
         need = Counter(e.index for e in examples)
         if all(len(cache.get(i, ())) >= n for i, n in need.items()):
             return []
