@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import ray  # noqa: E402
 
-from quality import (LABELS, WARMUP_LR, WARMUP_SOURCE, Parser, check_settings, common_overrides,  # noqa: E402
+from quality import (EVAL_EVERY, LABELS, STEPS, WARMUP_LR, WARMUP_SOURCE, Parser, check_settings, common_overrides,  # noqa: E402
                      compared_run, mean_ci, parse_losses, positive_int, usage_error, warm_up)  # (same folder)
 
 from csd_ray.metrics import read_metrics  # noqa: E402
@@ -54,8 +54,8 @@ def main() -> None:
     p.add_argument("--losses", default=",".join(COMPARED))
     p.add_argument("--staleness", default="0,2", help="largest staleness k per run (weights synced every k+1 steps)")
     p.add_argument("--seeds", type=positive_int, default=3)
-    p.add_argument("--steps", type=positive_int, default=12)
-    p.add_argument("--eval-every", type=positive_int, default=6, help="bench/quality.py's cadence (its k = 0 runs are reused)")
+    p.add_argument("--steps", type=positive_int, default=STEPS)
+    p.add_argument("--eval-every", type=positive_int, default=EVAL_EVERY, help="bench/quality.py's cadence (its k = 0 runs are reused)")
     p.add_argument("--eval-size", type=positive_int, default=64)
     p.add_argument("--new-tokens", type=positive_int, default=32)
     p.add_argument("--eval-new-tokens", type=positive_int, default=64)

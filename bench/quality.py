@@ -94,13 +94,16 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
 
 
 class BenchController(Controller):
-    """The product's controller; the teacher's greedy evaluation answers are computed once and reused.
+    """The product's controller, lighter where a comparison only reads metrics.jsonl: the
+    teacher's greedy evaluation answers are computed once and reused (they depend only on the
+    teacher and the held-out prompts, which every run shares); no evaluation before training (a
+    compared run's step 0 is the shared warm-up, evaluated once; the warm-up's own step 0, the
+    pruned student, is in no table); without ``keep_student`` the run ends with its evaluation,
+    writing no checkpoint and no student (~8 s a run)."""
 
-    They depend only on the teacher and the held-out prompts, which every run shares."""
-
-    def __init__(self, recipe, cache: Path, skip_first_eval: bool) -> None:
+    def __init__(self, recipe, cache: Path, keep_student: bool = False) -> None:
         super().__init__(recipe, log=lambda m: None)
-        self.cache, self.skip_first_eval = cache, skip_first_eval
+        self.cache, self.keep_student = cache, keep_student
 
     def start(self) -> None:
         super().start()
@@ -108,12 +111,18 @@ class BenchController(Controller):
             self.evaluator._teacher_greedy = torch.load(self.cache, weights_only=False)
 
     def evaluate(self) -> dict:
-        if self.skip_first_eval and self.step == 0:
-            return {}  # step 0 is the shared warm-up checkpoint, evaluated once
+        if self.step == 0:
+            return {}
         metrics = super().evaluate()
         if self.evaluator is not None and not self.cache.exists():
             torch.save(self.evaluator.teacher_greedy(), self.cache)
         return metrics
+
+    def finish(self) -> Path:
+        if self.keep_student:
+            return super().finish()
+        self.evaluate()
+        return self.run_dir
 
 
 def finished(run_dir: Path, steps: int) -> bool:
@@ -121,14 +130,14 @@ def finished(run_dir: Path, steps: int) -> bool:
     return path.exists() and any(r["step"] == steps for r in read_metrics(path, kind="eval"))
 
 
-def run(overrides: list[str], run_dir: Path, cache: Path, steps: int, skip_first_eval: bool) -> float:
+def run(overrides: list[str], run_dir: Path, cache: Path, steps: int, keep_student: bool = False) -> float:
     """One run of recipes/local.yaml with overrides (skipped if already finished); its wall seconds."""
     if finished(run_dir, steps):
         return 0.0
     shutil.rmtree(run_dir, ignore_errors=True)
     recipe = load_recipe(REPO / "recipes" / "local.yaml", [*overrides, f"run.output_dir={run_dir}", "run.resume=never"])
     t0 = time.perf_counter()
-    BenchController(recipe, cache, skip_first_eval).run()
+    BenchController(recipe, cache, keep_student).run()
     return time.perf_counter() - t0
 
 
@@ -212,13 +221,17 @@ def warm_up(warm_dir: Path, common: list[str], cache: Path, steps: int, source: 
     """The shared warm-up every compared run starts from: ``steps`` FKL steps on teacher
     responses (``source``: a YAML source mapping), seed 0. Returns (wall seconds, its last evaluation)."""
     stage = f"stages=[{{name: warmup, steps: {steps}, sources: [{source}], loss: {{name: fkl}}, lr: {lr}}}]"
-    seconds = run([*common, "run.seed=0", stage], warm_dir, cache, steps, skip_first_eval=False)
+    seconds = run([*common, "run.seed=0", stage], warm_dir, cache, steps, keep_student=True)
     print(f"warm-up: {steps} steps in {seconds:.0f} s", flush=True)
     return seconds, read_metrics(warm_dir / "metrics.jsonl", kind="eval")[-1]
 
 
 #: The demo's stage 1 (recipes/local.yaml), the warm-up every comparison shares.
 WARMUP_SOURCE, WARMUP_LR = "{kind: teacher, greedy: true, cache: 256}", 3.0e-4
+#: The compared stage's default length and evaluation cadence, here and in claim_staleness.py
+#: (whose k = 0 runs are these): 24 runs of 8 steps with one evaluation fit the 60-minute budget
+#: on 2 cores; a mid-run evaluation costs ~40 s a run (--eval-every 4: ~16 min more).
+STEPS, EVAL_EVERY = 8, 8
 
 
 def compared_run(out: Path, common: list[str], cache: Path, name: str, seed: int, steps: int, eval_every: int,
@@ -232,7 +245,7 @@ def compared_run(out: Path, common: list[str], cache: Path, name: str, seed: int
     run_dir = out / "runs" / name / tag / f"seed{seed}" if tag else out / "runs" / name / f"seed{seed}"
     wall = run([*common, f"run.seed={seed}", f"student_model.path={out / 'warmup' / 'final'}",
                 "student_model.num_layers=0", f"run.eval_every={eval_every}", f"stages={stage}", *extra],
-               run_dir, cache, steps, skip_first_eval=True)
+               run_dir, cache, steps)
     return run_dir, wall
 
 
@@ -331,8 +344,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=positive_int, default=3, help="seeds per loss (>= 3 for the default set)")
     parser.add_argument("--eval-size", type=positive_int, default=64, help="held-out prompts")
     parser.add_argument("--warmup-steps", type=positive_int, default=30, help="shared SeqKD warm-up steps (the demo's stage 1)")
-    parser.add_argument("--steps", type=positive_int, default=12, help="steps of the compared stage")
-    parser.add_argument("--eval-every", type=positive_int, default=6, help="evaluation cadence in the compared stage")
+    parser.add_argument("--steps", type=positive_int, default=STEPS, help="steps of the compared stage")
+    parser.add_argument("--eval-every", type=positive_int, default=EVAL_EVERY, help="evaluation cadence in the compared stage")
     parser.add_argument("--new-tokens", type=positive_int, default=32, help="response length in training")
     parser.add_argument("--eval-new-tokens", type=positive_int, default=64, help="response length in evaluation")
     parser.add_argument("--out", default="runs/quality", help="output folder (finished runs in it are reused)")

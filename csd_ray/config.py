@@ -401,8 +401,9 @@ class RunConfig:
     max_staleness: int = 1
     """async: the most optimizer steps a trained rollout's weights may lag behind."""
     overlap_offpolicy: bool = True
-    """Produce teacher/dataset responses one step ahead, overlapping training. Turn off when the
-    roles share a few CPU cores: oversubscribed torch threads make both sides slower."""
+    """Produce teacher/dataset responses one step ahead, overlapping training, and score the held-out
+    samples on the teacher while the sampler still generates. Turn off when the roles share a few
+    CPU cores: oversubscribed torch threads make both sides slower."""
     weight_sync_every: int = 1
     """Steps between weight syncs to the sampler (sync mode)."""
     checkpoint_every: int = 0

@@ -165,7 +165,7 @@ class Controller:
         if self.prompts.eval:
             self.evaluator = Evaluator(self.prompts.eval, self.samplers[0], self.teachers[0], self.tokenizer,
                                        self.run_dir, r.run.eval_max_new_tokens, seed=r.run.seed + 99,
-                                       stop_ids=self.rules.stop_ids)
+                                       stop_ids=self.rules.stop_ids, overlap=r.run.overlap_offpolicy)
         self.eval_history: list[dict] = []
 
     def _start_trainers(self) -> None:
