@@ -115,7 +115,11 @@ class BenchController(Controller):
             return {}
         metrics = super().evaluate()
         if self.evaluator is not None and not self.cache.exists():
-            torch.save(self.evaluator.teacher_greedy(), self.cache)
+            # Written whole or not at all: a half-written cache (Ctrl-C during the save) would stop
+            # every later run of this --out at torch.load.
+            tmp = self.cache.with_name(self.cache.name + ".tmp")
+            torch.save(self.evaluator.teacher_greedy(), tmp)
+            os.replace(tmp, self.cache)
         return metrics
 
     def finish(self) -> Path:

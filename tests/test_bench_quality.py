@@ -148,3 +148,28 @@ def test_quick_presets_give_way_to_options_given_with_it(request, monkeypatch, c
         module.main()
     assert exit_.value.code == 2
     assert capsys.readouterr().err.startswith("error: --losses: unknown 'nope'")
+
+
+def test_an_interrupted_save_leaves_no_half_written_teacher_cache(quality, monkeypatch, tmp_path):
+    """The cached teacher answers were saved in place: Ctrl-C during torch.save left a truncated
+    teacher_greedy.pt, and every later run of that --out stopped at torch.load in start()."""
+    from csd_ray.controller import Controller
+
+    bench = object.__new__(quality.BenchController)
+    bench.step, bench.cache = 2, tmp_path / "teacher_greedy.pt"
+    bench.evaluator = type("E", (), {"teacher_greedy": lambda self: {"answers": [1, 2, 3]}})()
+    monkeypatch.setattr(Controller, "evaluate", lambda self: {"teacher_nll": 1.0})
+    real_save = quality.torch.save
+
+    def interrupted(obj, path):
+        with open(path, "wb") as f:
+            f.write(b"PK\x03\x04 half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(quality.torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        bench.evaluate()
+    assert not bench.cache.exists()  # the next run computes the answers again
+    monkeypatch.setattr(quality.torch, "save", real_save)
+    assert bench.evaluate() == {"teacher_nll": 1.0}
+    assert quality.torch.load(bench.cache, weights_only=False) == {"answers": [1, 2, 3]}
