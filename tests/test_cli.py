@@ -126,3 +126,18 @@ def test_help_lists_the_sections_and_points_to_the_reference():
     for section in ("run", "teacher_model", "student_model", "data", "batch", "sampler", "teacher", "trainer", "stages"):
         assert f"\n  {section} " in proc.stdout, section
     assert "Recipe reference" in proc.stdout and "stages.1.steps=50" in proc.stdout
+
+
+@pytest.mark.parametrize("make, where", [
+    (lambda tmp: (tmp / "taken").write_text("x") and tmp / "taken", "is a file, not a folder"),
+    (lambda tmp: (tmp / "taken").write_text("x") and tmp / "taken" / "run", "cannot be made: "),
+])
+def test_an_output_dir_that_is_a_file_fails_before_any_actor_starts(tmp_path, capsys, make, where):
+    """run.output_dir naming an existing file used to start Ray and every actor, then stop with
+    a FileExistsError traceback (exit 1) at the folder's mkdir."""
+    out = make(tmp_path)
+    code = main([SMOKE, f"run.output_dir={out}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: run.output_dir: ") and where in err and err.count("\n") == 1, err
+    assert not ray.is_initialized()
