@@ -50,7 +50,8 @@ METRICS = {"student_nll_on_teacher": ("coverage: student NLL of teacher answers"
 
 def main() -> None:
     p = Parser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true")
+    p.add_argument("--quick", action="store_true", help="smoke check: RKL and CSD (T,S), k 0 and 2, 1 seed, 3 steps, "
+                   "8 prompts (options given with it take precedence)")
     p.add_argument("--losses", default=",".join(COMPARED))
     p.add_argument("--staleness", default="0,2", help="largest staleness k per run (weights synced every k+1 steps)")
     p.add_argument("--seeds", type=positive_int, default=3)
@@ -61,11 +62,10 @@ def main() -> None:
     p.add_argument("--eval-new-tokens", type=positive_int, default=64)
     p.add_argument("--warmup-steps", type=positive_int, default=30)
     p.add_argument("--out", default="runs/quality", help="bench/quality.py's folder: its runs are the k = 0 runs")
+    if p.parse_known_args()[0].quick:  # --quick's settings are defaults: options given with it win
+        p.set_defaults(losses="rkl,csd_ts", staleness="0,2", seeds=1, steps=3, eval_size=8, new_tokens=16,
+                       eval_new_tokens=16, warmup_steps=2, eval_every=3, out="runs/staleness_quick")
     args = p.parse_args()
-    if args.quick:
-        args.losses, args.staleness, args.seeds, args.steps, args.eval_size = "rkl,csd_ts", "0,2", 1, 3, 8
-        args.new_tokens, args.eval_new_tokens, args.warmup_steps, args.eval_every = 16, 16, 2, 3
-        args.out = args.out if args.out != "runs/quality" else "runs/staleness_quick"
     losses = parse_losses(args.losses)
     try:
         ks = [int(k) for k in args.staleness.split(",")]

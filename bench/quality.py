@@ -115,7 +115,11 @@ class BenchController(Controller):
             return {}
         metrics = super().evaluate()
         if self.evaluator is not None and not self.cache.exists():
-            torch.save(self.evaluator.teacher_greedy(), self.cache)
+            # Written whole or not at all: a half-written cache (Ctrl-C during the save) would stop
+            # every later run of this --out at torch.load.
+            tmp = self.cache.with_name(self.cache.name + ".tmp")
+            torch.save(self.evaluator.teacher_greedy(), tmp)
+            os.replace(tmp, self.cache)
         return metrics
 
     def finish(self) -> Path:
@@ -339,7 +343,8 @@ def plot(curves: dict, losses: list[str], path: Path) -> None:
 
 def main() -> None:
     parser = Parser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke check: 2 losses, 2 seeds, 8 prompts, 2 steps")
+    parser.add_argument("--quick", action="store_true", help="smoke check: 2 losses, 2 seeds, 8 prompts, 2 steps "
+                        "(options given with it take precedence)")
     parser.add_argument("--losses", default=",".join(LOSSES), help=f"comma-separated from {', '.join(LOSSES)}")
     parser.add_argument("--seeds", type=positive_int, default=3, help="seeds per loss (>= 3 for the default set)")
     parser.add_argument("--eval-size", type=positive_int, default=64, help="held-out prompts")
@@ -349,11 +354,10 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=positive_int, default=32, help="response length in training")
     parser.add_argument("--eval-new-tokens", type=positive_int, default=64, help="response length in evaluation")
     parser.add_argument("--out", default="runs/quality", help="output folder (finished runs in it are reused)")
+    if parser.parse_known_args()[0].quick:  # --quick's settings are defaults: options given with it win
+        parser.set_defaults(losses="rkl,csd_ts", seeds=2, eval_size=8, warmup_steps=2, steps=2, eval_every=1,
+                            new_tokens=16, eval_new_tokens=16, out="runs/quality_quick")
     args = parser.parse_args()
-    if args.quick:
-        args.losses, args.seeds, args.eval_size = "rkl,csd_ts", 2, 8
-        args.warmup_steps, args.steps, args.eval_every, args.new_tokens, args.eval_new_tokens = 2, 2, 1, 16, 16
-        args.out = args.out if args.out != "runs/quality" else "runs/quality_quick"
     losses = parse_losses(args.losses)
     seeds = list(range(args.seeds))
     out = Path(args.out).resolve()

@@ -33,7 +33,7 @@ from csd_ray.models import SMOLLM2, check_same_tokenizer, load_tokenizer, model_
 from csd_ray.placement import plan
 from csd_ray.rollout import Rollout, rollout_from_tokens
 from csd_ray.schema import to_dict
-from csd_ray.storage import check_shared_output_dir
+from csd_ray.storage import check_output_dir, check_shared_output_dir
 from csd_ray.weight_sync import make_transfer
 from csd_ray.workers.group import TrainerGroup
 
@@ -119,6 +119,7 @@ class Controller:
         if self.prepared:
             return
         r = self.recipe
+        check_output_dir(self.run_dir)
         self.resume = self._resume_point()
         for cfg in (r.student_model, r.teacher_model):
             if cfg.path != "tiny":

@@ -80,9 +80,10 @@ def check_cluster(recipe: Recipe) -> None:
     Without an autoscaler the alive nodes are all there will be. With one (CSD_RAY_AUTOSCALING=1)
     the node types of ``run.cluster`` say what it can add; without that file nothing is checked.
     """
-    from csd_ray.placement import live_node_types, node_types, nodes_needed
+    from csd_ray.placement import live_node_types, node_types, nodes_needed, plan, total_demand
 
-    if os.environ.get("CSD_RAY_AUTOSCALING"):
+    live = not os.environ.get("CSD_RAY_AUTOSCALING")
+    if not live:
         if not recipe.run.cluster:
             return
         types, where = node_types(recipe.run.cluster), f"the node types of {recipe.run.cluster}"
@@ -90,7 +91,14 @@ def check_cluster(recipe: Recipe) -> None:
         types, where = live_node_types(), "this cluster's nodes (no autoscaler: set CSD_RAY_AUTOSCALING=1 if one will add nodes)"
     _, problems = nodes_needed(recipe, types)
     if problems:
-        raise ConfigError(f"the recipe can never be placed on {where}: " + "; ".join(problems))
+        detail = ""
+        if live:  # a live node's "type" is its id: say what the plan asks and what the nodes have
+            demand = total_demand(plan(recipe))
+            offer = "; ".join(f"node {name}: " + ", ".join(f"{k}={t['resources'].get(k, 0):g}" for k in demand)
+                              for name, t in types.items())
+            detail = (f" (the plan asks for {', '.join(f'{k}={v:g}' for k, v in demand.items())} in all, see --dry-run; "
+                      f"{offer})")
+        raise ConfigError(f"the recipe can never be placed on {where}: " + "; ".join(problems) + detail)
 
 
 def _stop_on_signals(controller) -> None:

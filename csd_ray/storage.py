@@ -31,6 +31,21 @@ def _read_marker(_actor, path: str) -> dict:
             "cwd": os.getcwd()}
 
 
+def check_output_dir(run_dir: Path) -> None:
+    """Raise ConfigError (key run.output_dir) when ``run_dir`` can never be a folder the driver
+    writes: it, or the nearest part of it that exists, is a file, or that part is not writable.
+    Runs before Ray starts (an existing file there used to stop the run with a traceback once the
+    actors were up)."""
+    existing = run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is a file" if existing == run_dir else f"cannot be made: {existing} is a file"
+        raise ConfigError(f"'{run_dir}' {where}, not a folder; use another run.output_dir", key="run.output_dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"'{run_dir}' cannot be written: {existing} is not writable", key="run.output_dir")
+
+
 def check_shared_output_dir(run_dir: Path, ranks: list) -> None:
     """Raise ConfigError (key run.output_dir) unless every actor in ``ranks`` reads the marker.
 

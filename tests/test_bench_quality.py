@@ -116,3 +116,60 @@ def test_claim_benches_refuse_bad_arguments_before_loading_a_model(monkeypatch, 
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err == message + "\n", err
+
+
+@pytest.mark.parametrize("bench, preset", [
+    ("quality", {"losses": "rkl,csd_ts", "seeds": 2, "eval_size": 8, "steps": 2, "eval_every": 1}),
+    ("staleness", {"losses": "rkl,csd_ts", "seeds": 1, "eval_size": 8, "steps": 3, "eval_every": 3}),
+])
+def test_quick_presets_give_way_to_options_given_with_it(request, monkeypatch, capsys, tmp_path, bench, preset):
+    """--quick used to overwrite every option given with it: `--quick --losses nope` ran RKL and
+    CSD (T,S) without a word, `--quick --steps 5` ran the preset's steps (bench/vs_trl.py, and
+    these benches without --quick, take what is given)."""
+    module = request.getfixturevalue(bench)
+    seen = {}
+
+    def stop(out, args):
+        seen.update(vars(args), out=out)
+        raise RuntimeError("stopped before any run")
+
+    monkeypatch.setattr(module, "check_settings", stop)
+    monkeypatch.setattr("sys.argv", [bench, "--quick"])
+    with pytest.raises(RuntimeError):
+        module.main()
+    assert {k: seen[k] for k in preset} == preset  # the presets themselves
+    assert seen["out"].name == ("quality_quick" if bench == "quality" else "staleness_quick")
+    monkeypatch.setattr("sys.argv", [bench, "--quick", "--losses", "fkl", "--steps", "5", "--out", str(tmp_path)])
+    with pytest.raises(RuntimeError):
+        module.main()
+    assert (seen["losses"], seen["steps"], seen["eval_size"], seen["out"]) == ("fkl", 5, 8, tmp_path)
+    monkeypatch.setattr("sys.argv", [bench, "--quick", "--losses", "nope", "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as exit_:
+        module.main()
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.startswith("error: --losses: unknown 'nope'")
+
+
+def test_an_interrupted_save_leaves_no_half_written_teacher_cache(quality, monkeypatch, tmp_path):
+    """The cached teacher answers were saved in place: Ctrl-C during torch.save left a truncated
+    teacher_greedy.pt, and every later run of that --out stopped at torch.load in start()."""
+    from csd_ray.controller import Controller
+
+    bench = object.__new__(quality.BenchController)
+    bench.step, bench.cache = 2, tmp_path / "teacher_greedy.pt"
+    bench.evaluator = type("E", (), {"teacher_greedy": lambda self: {"answers": [1, 2, 3]}})()
+    monkeypatch.setattr(Controller, "evaluate", lambda self: {"teacher_nll": 1.0})
+    real_save = quality.torch.save
+
+    def interrupted(obj, path):
+        with open(path, "wb") as f:
+            f.write(b"PK\x03\x04 half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(quality.torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        bench.evaluate()
+    assert not bench.cache.exists()  # the next run computes the answers again
+    monkeypatch.setattr(quality.torch, "save", real_save)
+    assert bench.evaluate() == {"teacher_nll": 1.0}
+    assert quality.torch.load(bench.cache, weights_only=False) == {"answers": [1, 2, 3]}

@@ -126,3 +126,37 @@ def test_help_lists_the_sections_and_points_to_the_reference():
     for section in ("run", "teacher_model", "student_model", "data", "batch", "sampler", "teacher", "trainer", "stages"):
         assert f"\n  {section} " in proc.stdout, section
     assert "Recipe reference" in proc.stdout and "stages.1.steps=50" in proc.stdout
+
+
+@pytest.mark.parametrize("make, where", [
+    (lambda tmp: (tmp / "taken").write_text("x") and tmp / "taken", "is a file, not a folder"),
+    (lambda tmp: (tmp / "taken").write_text("x") and tmp / "taken" / "run", "cannot be made: "),
+])
+def test_an_output_dir_that_is_a_file_fails_before_any_actor_starts(tmp_path, capsys, make, where):
+    """run.output_dir naming an existing file used to start Ray and every actor, then stop with
+    a FileExistsError traceback (exit 1) at the folder's mkdir."""
+    out = make(tmp_path)
+    code = main([SMOKE, f"run.output_dir={out}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: run.output_dir: ") and where in err and err.count("\n") == 1, err
+    assert not ray.is_initialized()
+
+
+def test_a_plan_too_big_for_the_live_nodes_says_what_it_asks_and_what_they_have(monkeypatch):
+    """On one 2-CPU machine, recipes/smoke.yaml with sampler.replicas=2 teacher.replicas=2 (CPU=3
+    in all) was refused with only "needs 2 'd7700eb48c99' nodes but the cluster allows at most 1":
+    a node id, and neither the plan's demand nor the machine's CPUs."""
+    from csd_ray.config import load_recipe
+    from csd_ray.run import ConfigError, check_cluster
+
+    monkeypatch.delenv("CSD_RAY_AUTOSCALING", raising=False)
+    monkeypatch.setattr("csd_ray.placement.live_node_types",
+                        lambda: {"d7700eb48c99": {"resources": {"CPU": 2.0, "memory": 1e9}, "max_workers": 1}})
+    recipe = load_recipe(SMOKE, ["sampler.replicas=2", "teacher.replicas=2"])
+    with pytest.raises(ConfigError) as err:
+        check_cluster(recipe)
+    text = str(err.value)
+    assert "needs 2 'd7700eb48c99' nodes but the cluster allows at most 1" in text
+    assert "the plan asks for CPU=3 in all, see --dry-run; node d7700eb48c99: CPU=2)" in text, text
+    check_cluster(load_recipe(SMOKE, []))  # CPU=2 fits: no error
