@@ -67,10 +67,15 @@ class LocalCluster:
         self.env.update(env)
 
     def _ray(self, *args: str, timeout: int = 120, env: dict | None = None):
+        import shutil
         import subprocess
         import sys
 
-        ray_cli = str(Path(sys.executable).parent / "ray")
+        # The `ray` beside this Python; in a venv made with --system-site-packages it is the one on PATH.
+        beside = Path(sys.executable).parent / "ray"
+        ray_cli = str(beside) if beside.exists() else shutil.which("ray")
+        if ray_cli is None:
+            raise RuntimeError(f"no `ray` command beside {sys.executable} or on PATH")
         return subprocess.run([ray_cli, *args], env=env or self.env, capture_output=True, text=True, timeout=timeout)
 
     def start_head(self, num_cpus: int = 2) -> None:

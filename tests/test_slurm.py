@@ -17,12 +17,17 @@ SCRIPT = REPO / "clusters" / "slurm" / "csd_ray.sbatch"
 FAKES = {
     # scontrol show hostnames gpu[01-03] -> one host per line
     "scontrol": '#!/bin/sh\n[ "$1 $2" = "show hostnames" ] || exit 9\necho gpu01; echo gpu02; echo gpu03\n',
-    # every srun is recorded, one call per line, arguments separated by \x1f (quotes survive);
-    # `hostname --ip-address` answers like a node
-    "srun": '#!/bin/sh\nfor a in "$@"; do printf "%s\\037" "$a"; done >> "$LOG_DIR/srun.log"; echo >> "$LOG_DIR/srun.log"\n'
+    # every srun is recorded, one call per line (written in one append), arguments separated by
+    # \x1f (quotes survive); `hostname --ip-address` answers like a node
+    "srun": '#!/bin/sh\nline=$(printf "%s\\037" "$@")\nprintf "%s\\n" "$line" >> "$LOG_DIR/srun.log"\n'
             'case "$*" in *"hostname --ip-address"*) echo "10.1.2.3 fe80::1";; esac\n',
-    # python: the node-wait snippet and the driver; the driver records its arguments and environment
-    "python": '#!/bin/sh\nif [ "$1" = "-" ]; then cat > /dev/null; echo "wait $2 $3" >> "$LOG_DIR/python.log"; exit 0; fi\n'
+    # python: the node-wait snippet and the driver; the driver records its arguments and environment.
+    # Like the real snippet, the wait returns once the N nodes' `ray start` steps are up (here: have
+    # recorded themselves, at most 10 s): the script kills its background steps when it ends, and
+    # a wait that returned at once lost the workers' records under load.
+    "python": '#!/bin/sh\nif [ "$1" = "-" ]; then cat > /dev/null; i=0\n'
+              'while [ "$(grep -c start "$LOG_DIR/srun.log" 2>/dev/null || true)" -lt "$2" ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done\n'
+              'echo "wait $2 $3" >> "$LOG_DIR/python.log"; exit 0; fi\n'
               'echo "run $* | RAY_ADDRESS=$RAY_ADDRESS RAY_AUTH_MODE=$RAY_AUTH_MODE" >> "$LOG_DIR/python.log"\n'
               'exit "${DRIVER_EXIT:-0}"\n',
 }
