@@ -62,10 +62,8 @@ def main() -> None:
     p.add_argument("--eval-new-tokens", type=positive_int, default=64)
     p.add_argument("--warmup-steps", type=positive_int, default=30)
     p.add_argument("--out", default="runs/quality", help="bench/quality.py's folder: its runs are the k = 0 runs")
-    if p.parse_known_args()[0].quick:  # --quick's settings are defaults: options given with it win
-        p.set_defaults(losses="rkl,csd_ts", staleness="0,2", seeds=1, steps=3, eval_size=8, new_tokens=16,
-                       eval_new_tokens=16, warmup_steps=2, eval_every=3, out="runs/staleness_quick")
-    args = p.parse_args()
+    args = p.parse_with_quick(dict(losses="rkl,csd_ts", staleness="0,2", seeds=1, steps=3, eval_size=8, new_tokens=16,
+                                   eval_new_tokens=16, warmup_steps=2, eval_every=3, out="runs/staleness_quick"))
     losses = parse_losses(args.losses)
     try:
         ks = [int(k) for k in args.staleness.split(",")]

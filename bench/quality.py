@@ -157,6 +157,13 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         usage_error(message)
 
+    def parse_with_quick(self, presets: dict) -> argparse.Namespace:
+        """parse_args(), where ``--quick`` (a store_true option) makes ``presets`` the defaults:
+        options given with it win."""
+        if self.parse_known_args()[0].quick:
+            self.set_defaults(**presets)
+        return self.parse_args()
+
 
 def int_at_least(minimum: int):
     """argparse type: an integer >= ``minimum`` (one-line error otherwise)."""
@@ -354,10 +361,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=positive_int, default=32, help="response length in training")
     parser.add_argument("--eval-new-tokens", type=positive_int, default=64, help="response length in evaluation")
     parser.add_argument("--out", default="runs/quality", help="output folder (finished runs in it are reused)")
-    if parser.parse_known_args()[0].quick:  # --quick's settings are defaults: options given with it win
-        parser.set_defaults(losses="rkl,csd_ts", seeds=2, eval_size=8, warmup_steps=2, steps=2, eval_every=1,
-                            new_tokens=16, eval_new_tokens=16, out="runs/quality_quick")
-    args = parser.parse_args()
+    args = parser.parse_with_quick(dict(losses="rkl,csd_ts", seeds=2, eval_size=8, warmup_steps=2, steps=2, eval_every=1,
+                                        new_tokens=16, eval_new_tokens=16, out="runs/quality_quick"))
     losses = parse_losses(args.losses)
     seeds = list(range(args.seeds))
     out = Path(args.out).resolve()
